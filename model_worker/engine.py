@@ -1,0 +1,245 @@
+"""The MLX engine: the one thread that touches MLX.
+
+MLX streams belong to the thread that made them, and one model shared by several generating
+threads crashes, so (as in ``mlx_lm.server``) a single thread loads the model, runs every
+prefill and decode step through mlx-lm's ``BatchGenerator`` (continuous batching: requests join
+and leave the running batch between steps), and finally frees the model. Other threads only
+``submit`` token ids and get a ``concurrent.futures.Future`` back.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("llm_server.engine")
+
+
+class ModelLoadError(Exception):
+    """The configured model could not be loaded."""
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """What ``mlx_lm.sample_utils.make_sampler`` is built from (from the config)."""
+
+    temperature: float
+    top_p: float
+    min_p: float
+    min_tokens_to_keep: int
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One finished generation: the decoded text without the stop token."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    seconds: float
+
+
+@dataclass
+class _Job:
+    prompt: list[int]
+    max_tokens: int
+    future: Future[Completion]
+    tokens: list[int] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+    uid: int | None = None
+
+
+class Engine:
+    """Owns MLX, the model and the batch generator, all on its own thread."""
+
+    def __init__(self, model_name: str, sampling: SamplingSettings, max_batch_size: int) -> None:
+        self.model_name = model_name
+        self.sampling = sampling
+        self.max_batch_size = max_batch_size
+        self.tokenizer: Any = None
+        self.context_window: int | None = None
+        self._inbox: queue.SimpleQueue[_Job | _Cancel | None] = queue.SimpleQueue()
+        self._loaded: Future[None] = Future()
+        self._thread = threading.Thread(target=self._run, name="mlx", daemon=True)
+
+    # --- called from other threads ------------------------------------------------------------
+
+    def start(self) -> Future[None]:
+        """Start the thread; the future resolves when the model is loaded (or failed to)."""
+        self._thread.start()
+        return self._loaded
+
+    def submit(self, prompt: list[int], max_tokens: int) -> Future[Completion]:
+        """Queue a generation; its future resolves with the ``Completion``."""
+        job = _Job(prompt, max_tokens, Future())
+        self._inbox.put(job)
+        return job.future
+
+    def cancel(self, future: Future[Completion]) -> None:
+        """Drop a submitted generation from the batch (the client went away)."""
+        self._inbox.put(_Cancel(future))
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish queued work, free the model on its own thread, and join it."""
+        self._inbox.put(None)
+        self._thread.join(timeout)
+
+    # --- the MLX thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            model, generator = self._load()
+        except BaseException as exc:  # noqa: BLE001 - reported to the waiting caller
+            self._loaded.set_exception(exc)
+            return
+        self._loaded.set_result(None)
+        try:
+            self._serve(generator)
+        finally:
+            generator.close()
+            del model, generator
+            self.tokenizer = None
+            gc.collect()
+            import mlx.core as mx
+
+            mx.clear_cache()
+            log.info("model unloaded")
+
+    def _load(self) -> tuple[Any, Any]:
+        import mlx.core as mx
+        from mlx_lm import load
+        from mlx_lm.generate import BatchGenerator
+        from mlx_lm.sample_utils import make_sampler
+
+        started = time.monotonic()
+        try:
+            model, tokenizer, config = load(self.model_name, return_config=True)
+        except Exception as exc:
+            raise ModelLoadError(f"cannot load model {self.model_name!r}: {type(exc).__name__}: {exc}") from exc
+        self.tokenizer = tokenizer
+        self.context_window = _context_window(config)
+        sampler = make_sampler(
+            temp=self.sampling.temperature,
+            top_p=self.sampling.top_p,
+            min_p=self.sampling.min_p,
+            min_tokens_to_keep=self.sampling.min_tokens_to_keep,
+        )
+        generator = BatchGenerator(
+            model,
+            stop_tokens=[[token] for token in sorted(tokenizer.eos_token_ids)],
+            sampler=sampler,
+            completion_batch_size=self.max_batch_size,
+            prefill_batch_size=min(self.max_batch_size, 8),
+            stream=mx.default_stream(mx.default_device()),
+        )
+        log.info(
+            "model %s loaded in %.1f s (context window %s, device %s)",
+            self.model_name,
+            time.monotonic() - started,
+            self.context_window,
+            mx.default_device(),
+        )
+        return model, generator
+
+    def _serve(self, generator: Any) -> None:
+        active: dict[int, _Job] = {}
+        stopping = False
+        while not stopping or active:
+            # Block only when there is nothing to decode.
+            try:
+                item = self._inbox.get(block=not active)
+            except queue.Empty:
+                item = _NOTHING
+            while item is not _NOTHING:
+                if item is None:
+                    stopping = True
+                elif isinstance(item, _Cancel):
+                    self._cancel(generator, active, item.future)
+                elif item.future.set_running_or_notify_cancel():
+                    self._insert(generator, active, item)
+                try:
+                    item = self._inbox.get_nowait()
+                except queue.Empty:
+                    item = _NOTHING
+            if active:
+                self._step(generator, active)
+
+    def _insert(self, generator: Any, active: dict[int, _Job], job: _Job) -> None:
+        try:
+            (uid,) = generator.insert([job.prompt], max_tokens=[job.max_tokens])
+        except Exception as exc:
+            job.future.set_exception(exc)
+            return
+        job.uid = uid
+        active[uid] = job
+
+    def _cancel(self, generator: Any, active: dict[int, _Job], future: Future[Completion]) -> None:
+        # The inbox is FIFO, so the job was already inserted (or finished) by now.
+        for uid, job in list(active.items()):
+            if job.future is future:
+                del active[uid]
+                generator.remove([uid])
+                future.cancel() or future.set_exception(CancelledGeneration())
+                log.info("generation cancelled after %d tokens", len(job.tokens))
+
+    def _step(self, generator: Any, active: dict[int, _Job]) -> None:
+        try:
+            _, responses = generator.next()
+        except Exception as exc:
+            # A failed step poisons the whole batch: fail every request in it, keep serving.
+            log.exception("generation step failed")
+            generator.remove(list(active))
+            for job in active.values():
+                job.future.set_exception(exc)
+            active.clear()
+            return
+        for response in responses:
+            job = active.get(response.uid)
+            if job is None:
+                continue
+            if response.finish_reason != "stop":
+                job.tokens.append(response.token)
+            if response.finish_reason is not None:
+                del active[response.uid]
+                self._finish(job, response.finish_reason)
+
+    def _finish(self, job: _Job, finish_reason: str) -> None:
+        text = self.tokenizer.decode(job.tokens)
+        completion = Completion(
+            text=text,
+            prompt_tokens=len(job.prompt),
+            completion_tokens=len(job.tokens),
+            finish_reason=finish_reason,
+            seconds=time.monotonic() - job.started,
+        )
+        if not job.future.done():
+            job.future.set_result(completion)
+
+
+class CancelledGeneration(Exception):
+    """The generation was dropped before it finished."""
+
+
+@dataclass(frozen=True)
+class _Cancel:
+    future: Future[Completion]
+
+
+_NOTHING: Any = object()
+
+
+def _context_window(config: dict[str, Any]) -> int | None:
+    """The longest sequence the model was built for, if its config says."""
+    for source in (config, config.get("text_config") or {}):
+        for key in ("max_position_embeddings", "max_sequence_length", "n_positions", "seq_length"):
+            value = source.get(key)
+            if isinstance(value, int) and value > 0:
+                return value
+    return None

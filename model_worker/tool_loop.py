@@ -1,0 +1,133 @@
+"""Answering one prompt: generate, run the tools the model asks for, generate again.
+
+This is the request-level logic of the worker, kept apart from MLX (``engine``) and MCP
+(``mcp_host``) so it reads top to bottom: render the conversation with the live tool list,
+generate, parse tool calls with the tokenizer's parser, call each tool once (never retried:
+tools have side effects), append the results as ``tool`` messages, and repeat until the model
+answers in plain text or the round limit is reached, after which it answers without tools.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
+
+from supervisor.logs import TRACE
+from supervisor.protocol import GenerationStats
+
+from .chat import ToolCall, assistant_message, first_messages, parse_output, render, tool_message
+from .engine import Completion, Engine
+
+log = logging.getLogger("llm_server.worker")
+
+
+class PromptTooLong(Exception):
+    """The user's prompt does not fit the model's context window (the client's fault: 400)."""
+
+
+class ContextExhausted(Exception):
+    """Tool results filled the context window before the model could answer."""
+
+
+class ToolResultLike(Protocol):
+    text: str
+    is_error: bool
+    server: str
+    duration_s: float
+
+
+class ToolHost(Protocol):
+    """What the loop needs from the MCP host."""
+
+    def tools(self) -> list[dict[str, Any]]: ...
+
+    async def call_tool(self, name: str, arguments: dict[str, Any]) -> ToolResultLike: ...
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    stats: GenerationStats
+
+
+class ToolLoop:
+    """Turns a prompt into the final assistant text, with tools when a host is given."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        system_prompt: str,
+        max_tokens: int,
+        max_tool_rounds: int,
+        host: ToolHost | None,
+    ) -> None:
+        self.engine = engine
+        self.system_prompt = system_prompt
+        self.max_tokens = max_tokens
+        self.max_tool_rounds = max_tool_rounds
+        self.host = host
+
+    async def answer(self, prompt: str) -> Answer:
+        started = time.monotonic()
+        tokenizer = self.engine.tokenizer
+        messages = first_messages(self.system_prompt, prompt)
+        rounds = calls_made = completion_tokens = 0
+        prompt_tokens = 0
+        while True:
+            tools = self.host.tools() if self.host is not None and rounds < self.max_tool_rounds else None
+            if self.host is not None and tools is None and rounds:
+                log.info("tool round limit (%d) reached: answering without tools", self.max_tool_rounds)
+            ids = await asyncio.to_thread(render, tokenizer, messages, tools)
+            budget = self._budget(len(ids), first=rounds == 0)
+            if rounds == 0:
+                prompt_tokens = len(ids)
+            completion = await self._generate(ids, budget)
+            completion_tokens += completion.completion_tokens
+            parsed = parse_output(tokenizer, completion.text, tools)
+            for body in parsed.malformed:
+                log.warning("model emitted a tool call that does not parse: %.200s", body)
+            if not parsed.calls or tools is None or self.host is None:
+                stats = GenerationStats(prompt_tokens, completion_tokens, calls_made, rounds + 1,
+                                        time.monotonic() - started)
+                return Answer(parsed.content, stats)
+            rounds += 1
+            messages.append(assistant_message(parsed.content, parsed.calls))
+            for call in parsed.calls:
+                calls_made += 1
+                messages.append(tool_message(call, await self._call(call)))
+
+    def _budget(self, prompt_len: int, first: bool) -> int:
+        window = self.engine.context_window
+        if window is None:
+            return self.max_tokens
+        room = window - prompt_len
+        if room <= 0:
+            if first:
+                raise PromptTooLong(
+                    f"prompt is {prompt_len} tokens with the chat template and system prompt; "
+                    f"the model's context window is {window} tokens"
+                )
+            raise ContextExhausted(
+                f"tool results filled the model's context window ({window} tokens) before it answered"
+            )
+        return min(self.max_tokens, room)
+
+    async def _generate(self, ids: list[int], budget: int) -> Completion:
+        future = self.engine.submit(ids, budget)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            self.engine.cancel(future)
+            raise
+
+    async def _call(self, call: ToolCall) -> str:
+        assert self.host is not None
+        log.log(TRACE, "tool call %s arguments: %s", call.name, json.dumps(call.arguments, ensure_ascii=False))
+        result = await self.host.call_tool(call.name, call.arguments)
+        log.log(TRACE, "tool call %s result (is_error=%s): %s", call.name, result.is_error, result.text)
+        return result.text

@@ -1,0 +1,154 @@
+"""The model worker process: owns MLX (through ``Engine``), the MCP host and the tool loop.
+
+Start-up order is the daemon's contract: MCP servers first, then the model, then ``Ready`` to
+the supervisor (or ``StartupFailed``, after which the supervisor exits non-zero). Requests
+arrive on the HTTP pipe; each runs as its own asyncio task so tool calls of one request never
+hold up another request's generation. On ``Shutdown`` (or if the supervisor vanishes) it
+finishes what is in flight, frees the model on the MLX thread, stops the MCP servers and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+from supervisor.channel import PipeChannel
+from supervisor.child import prepare_child
+from supervisor.config import Config
+from supervisor.logs import current_request
+from supervisor.protocol import (
+    Cancel,
+    Failure,
+    FailureCategory,
+    Generate,
+    Ready,
+    Reply,
+    Shutdown,
+    StartupFailed,
+    StartupFailure,
+    Stopped,
+)
+
+from .engine import CancelledGeneration, Engine, ModelLoadError, SamplingSettings
+from .tool_loop import PromptTooLong, ToolHost, ToolLoop
+
+log = logging.getLogger("llm_server.worker")
+
+
+def run_worker(
+    config: Config,
+    http_conn: Connection,
+    control_conn: Connection,
+    log_queue: Any,
+    output: Connection | None,
+) -> None:
+    """Entry point of the spawned model-worker child."""
+    prepare_child("model-worker", log_queue, config.log_level, output)
+    asyncio.run(Worker(config, http_conn, control_conn).run())
+
+
+class Worker:
+    """The worker's asyncio side: pipes, request tasks and the order of start and stop."""
+
+    def __init__(self, config: Config, http_conn: Connection, control_conn: Connection) -> None:
+        self.config = config
+        self._http_conn = http_conn
+        self._control_conn = control_conn
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.stopping = asyncio.Event()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        control = PipeChannel(self._control_conn, loop, self._on_control, self.stopping.set, "control")
+        control.start()
+        async with self._tool_host() as host:
+            engine = Engine(
+                self.config.model_name,
+                SamplingSettings(self.config.temperature, self.config.top_p, self.config.min_p,
+                                 self.config.min_tokens_to_keep),
+                self.config.max_batch_size,
+            )
+            log.info("loading model %s", self.config.model_name)
+            try:
+                await asyncio.wrap_future(engine.start())
+            except ModelLoadError as exc:
+                log.error("%s", exc, exc_info=exc.__cause__)
+                await control.send(StartupFailed(StartupFailure.MODEL, str(exc)))
+                return
+            self.loop_ = ToolLoop(
+                engine,
+                system_prompt=self.config.system_prompt,
+                max_tokens=self.config.max_tokens,
+                max_tool_rounds=self.config.max_tool_rounds,
+                host=host,
+            )
+            self.http = PipeChannel(self._http_conn, loop, self._on_request, lambda: None, "http")
+            self.http.start()
+            tools = len(host.tools()) if host is not None else 0
+            await control.send(Ready(self.config.model_name, engine.context_window, tools))
+            await self.stopping.wait()
+            await self._drain()
+            log.info("unloading model")
+            await asyncio.to_thread(engine.stop)
+            log.info("stopping MCP servers")
+        await control.send(Stopped("model unloaded, MCP servers stopped"))
+
+    def _tool_host(self) -> Any:
+        """The MCP host as an async context manager (none configured: a null one)."""
+        return _NoTools()
+
+    def _on_control(self, message: Any) -> None:
+        if isinstance(message, Shutdown):
+            log.info("shutdown requested: %d request(s) in flight", len(self.tasks))
+            self.stopping.set()
+
+    def _on_request(self, message: Any) -> None:
+        if isinstance(message, Generate):
+            task = asyncio.get_running_loop().create_task(self._serve(message))
+            self.tasks[message.request_id] = task
+            task.add_done_callback(lambda _: self.tasks.pop(message.request_id, None))
+        elif isinstance(message, Cancel):
+            task = self.tasks.get(message.request_id)
+            if task is not None:
+                log.info("client went away: cancelling", extra={"request_id": message.request_id})
+                task.cancel()
+
+    async def _serve(self, request: Generate) -> None:
+        current_request.set(request.request_id)
+        try:
+            answer = await self.loop_.answer(request.prompt)
+        except asyncio.CancelledError:
+            return
+        except PromptTooLong as exc:
+            await self.http.send(Failure(request.request_id, FailureCategory.BAD_REQUEST, str(exc)))
+            return
+        except CancelledGeneration:
+            return
+        except Exception as exc:
+            log.exception("generation failed")
+            await self.http.send(
+                Failure(request.request_id, FailureCategory.INTERNAL, f"generation failed: {exc}")
+            )
+            return
+        await self.http.send(Reply(request.request_id, answer.text, answer.stats))
+
+    async def _drain(self) -> None:
+        """Let in-flight requests finish (the HTTP side has already drained, normally)."""
+        deadline = time.monotonic() + self.config.shutdown_timeout_s
+        while self.tasks and time.monotonic() < deadline:
+            await asyncio.wait(list(self.tasks.values()), timeout=max(0.0, deadline - time.monotonic()))
+        for task in list(self.tasks.values()):
+            task.cancel()
+
+
+class _NoTools:
+    """Stands in for the MCP host when no servers are configured."""
+
+    async def __aenter__(self) -> ToolHost | None:
+        return None
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None

@@ -1,0 +1,91 @@
+"""An asyncio-friendly end of a ``multiprocessing`` pipe.
+
+Both the HTTP process and the model worker talk over one duplex pipe. Reading it from the event
+loop with ``add_reader`` is tempting but breaks large messages (uvloop leaves the fd
+non-blocking, so a multi-megabyte prompt fails half-sent), so the channel owns two threads
+instead: a reader that hands every message to the loop with ``call_soon_threadsafe``, and a
+single sender thread that keeps sends ordered and off the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.connection import Connection
+from typing import Any, Callable
+
+log = logging.getLogger("llm_server.channel")
+
+
+class PipeChannel:
+    """Owns one pipe end for an asyncio process (the only code that touches it)."""
+
+    def __init__(
+        self,
+        conn: Connection,
+        loop: asyncio.AbstractEventLoop,
+        on_message: Callable[[Any], None],
+        on_closed: Callable[[], None],
+        name: str,
+    ) -> None:
+        self._conn = conn
+        self._loop = loop
+        self._on_message = on_message
+        self._on_closed = on_closed
+        self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-send")
+        self._reader = threading.Thread(target=self._read, name=f"{name}-read", daemon=True)
+        self.closed = False
+
+    def start(self) -> None:
+        self._reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                message = self._conn.recv()
+            except (EOFError, OSError):
+                break
+            except Exception:  # an unpicklable message must not kill the reader
+                log.exception("dropping a message that could not be read from the pipe")
+                continue
+            if not self._deliver(self._on_message, message):
+                return
+        self._deliver(self._mark_closed)
+
+    def _mark_closed(self) -> None:
+        self.closed = True
+        self._on_closed()
+
+    def _deliver(self, callback: Callable[..., None], *args: Any) -> bool:
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+            return True
+        except RuntimeError:  # the loop is closed: the process is exiting
+            return False
+
+    async def send(self, message: Any) -> bool:
+        """Send in order without blocking the loop; False if the other side is gone."""
+        try:
+            await self._loop.run_in_executor(self._sender, self._conn.send, message)
+            return True
+        except (OSError, EOFError, ValueError):
+            return False
+
+    def send_soon(self, message: Any) -> None:
+        """Fire-and-forget ``send`` for callers that cannot await (e.g. cancellation paths)."""
+        try:
+            self._sender.submit(self._send_quietly, message)
+        except RuntimeError:
+            pass
+
+    def _send_quietly(self, message: Any) -> None:
+        try:
+            self._conn.send(message)
+        except (OSError, EOFError, ValueError):
+            pass
+
+    def close(self) -> None:
+        self._sender.shutdown(wait=True)
+        self._conn.close()

@@ -1,0 +1,72 @@
+"""The ``llm-server`` command: read the config, open the log, hand over to the arbiter.
+
+Errors that happen before the log file is known (no config, no ``log_filename``) can only go to
+stderr; everything after that goes to the log, and fatal ones are echoed to stderr as well so a
+person starting the daemon by hand sees why it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing
+import sys
+from pathlib import Path
+
+from setproctitle import setproctitle
+
+from .arbiter import Arbiter, ExitCode
+from .config import ConfigError, load_log_filename, parse_config
+from .logs import LogHub
+
+log = logging.getLogger("llm_server.supervisor")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llm-server", description="Serve one local MLX model over HTTP.")
+    parser.add_argument("--config", type=Path, default=Path("config.json"),
+                        help="path to the config file (default: ./config.json)")
+    args = parser.parse_args(argv)
+    setproctitle("llm-server: supervisor")
+    multiprocessing.current_process().name = "supervisor"
+
+    config_path = args.config.expanduser().absolute()
+    try:
+        raw, log_filename = load_log_filename(config_path)
+    except ConfigError as exc:
+        print(f"llm-server: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG
+    try:
+        hub = LogHub(log_filename, "trace", multiprocessing.get_context("spawn").Queue())
+    except OSError as exc:
+        print(f"llm-server: cannot open log file {log_filename}: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG
+    hub.start()
+    try:
+        return _run(raw, config_path, log_filename, hub)
+    finally:
+        hub.stop()
+
+
+def _run(raw: dict, config_path: Path, log_filename: Path, hub: LogHub) -> int:
+    try:
+        config = parse_config(raw, config_path, log_filename)
+    except ConfigError as exc:
+        log.error("configuration error: %s", exc)
+        print(f"llm-server: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG
+    logging.getLogger().setLevel(hub.level_for(config.log_level))
+    log.info("llm-server starting: config %s, model %s, %d MCP server(s)",
+             config_path, config.model_name, len(config.servers))
+    try:
+        code = Arbiter(config, hub).run()
+    except Exception:
+        log.exception("unexpected supervisor error")
+        code = ExitCode.INTERNAL
+    if code != ExitCode.OK:
+        print(f"llm-server: stopped with exit code {int(code)}; see {log_filename}", file=sys.stderr)
+    return int(code)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""Reading and validating ``config.json`` (owned by the supervisor).
+
+The file is read once, at start-up, into a frozen ``Config``. Every problem is reported as a
+``ConfigError`` whose message names the file and the key, so the user can fix it without reading
+code; after that, the rest of the daemon trusts the values. ``${VAR}`` placeholders in string
+values (at any depth) are filled from the environment first, then from ``.env`` beside the config
+file; the substituted values are never logged or written anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from dotenv import dotenv_values
+
+LOG_LEVELS = ("trace", "debug", "info", "warning", "error")
+REQUIRED_KEYS = (
+    "model_name",
+    "listening_port",
+    "servers",
+    "system_prompt",
+    "temperature",
+    "top_p",
+    "min_p",
+    "min_tokens_to_keep",
+    "log_level",
+    "log_filename",
+)
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message is meant for the user."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """The validated configuration; picklable so children can receive it at spawn."""
+
+    model_name: str
+    listening_port: int
+    servers: dict[str, dict[str, Any]]
+    system_prompt: str
+    temperature: float
+    top_p: float
+    min_p: float
+    min_tokens_to_keep: int
+    log_level: str
+    log_filename: Path
+    listening_host: str = "127.0.0.1"
+    max_tokens: int = 2048
+    mcp_startup_timeout_s: float = 30.0
+    tool_timeout_s: float = 60.0
+    max_tool_rounds: int = 8
+    max_batch_size: int = 8
+    shutdown_timeout_s: float = 600.0
+    worker_restarts: int = 3
+    config_path: Path = field(default=Path("config.json"), compare=False)
+
+
+def load_log_filename(path: Path) -> tuple[dict[str, Any], Path]:
+    """Read the file and resolve ``log_filename`` alone, so the log can open before the rest
+    is validated (errors about other keys must go to the log, and need the file first)."""
+    raw = _read_json(path)
+    if "log_filename" not in raw:
+        raise ConfigError(f"{path}: required key 'log_filename' is missing")
+    value = _substitute(raw["log_filename"], "log_filename", _Lookup(path))
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{path}: 'log_filename' must be a non-empty string")
+    return raw, _resolve(path, value)
+
+
+def load_config(path: Path) -> Config:
+    """Read, substitute and validate the config at ``path``."""
+    raw, log_filename = load_log_filename(path)
+    return parse_config(raw, path, log_filename)
+
+
+def parse_config(raw: dict[str, Any], path: Path, log_filename: Path) -> Config:
+    """Validate an already-read config mapping (see ``load_log_filename``)."""
+    missing = [key for key in REQUIRED_KEYS if key not in raw]
+    if missing:
+        raise ConfigError(f"{path}: required key(s) missing: {', '.join(missing)}")
+    values = _substitute(raw, "", _Lookup(path))
+    check = _Checker(path, values)
+    log_level = check.string("log_level").lower()
+    if log_level not in LOG_LEVELS:
+        raise ConfigError(f"{path}: 'log_level' must be one of {', '.join(LOG_LEVELS)}")
+    return Config(
+        model_name=check.string("model_name"),
+        listening_port=check.integer("listening_port", 1, 65535),
+        servers=_servers(path, values["servers"]),
+        system_prompt=check.string("system_prompt", allow_empty=True),
+        temperature=check.number("temperature", 0.0, math.inf),
+        top_p=check.number("top_p", 0.0, 1.0, low_open=True),
+        min_p=check.number("min_p", 0.0, 1.0),
+        min_tokens_to_keep=check.integer("min_tokens_to_keep", 1, 1_000_000),
+        log_level=log_level,
+        log_filename=log_filename,
+        listening_host=check.string("listening_host", default="127.0.0.1"),
+        max_tokens=check.integer("max_tokens", 1, 10_000_000, default=2048),
+        mcp_startup_timeout_s=check.number("mcp_startup_timeout_s", 0.0, 3600.0, True, 30.0),
+        tool_timeout_s=check.number("tool_timeout_s", 0.0, 86400.0, True, 60.0),
+        max_tool_rounds=check.integer("max_tool_rounds", 0, 1000, default=8),
+        max_batch_size=check.integer("max_batch_size", 1, 256, default=8),
+        shutdown_timeout_s=check.number("shutdown_timeout_s", 0.0, 86400.0, True, 600.0),
+        worker_restarts=check.integer("worker_restarts", 0, 1000, default=3),
+        config_path=path,
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc}") from None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a JSON object")
+    return raw
+
+
+def _resolve(config_path: Path, name: str) -> Path:
+    """Relative paths in the config are relative to the config file's folder."""
+    candidate = Path(name).expanduser()
+    return candidate if candidate.is_absolute() else config_path.parent.resolve() / candidate
+
+
+class _Lookup:
+    """Finds ``${VAR}`` values: environment first, then ``.env`` beside the config (read lazily,
+    once, without touching ``os.environ``)."""
+
+    def __init__(self, config_path: Path) -> None:
+        self._dotenv_path = config_path.parent / ".env"
+        self._dotenv: dict[str, str | None] | None = None
+
+    def __call__(self, name: str, where: str) -> str:
+        if name in os.environ:
+            return os.environ[name]
+        if self._dotenv is None:
+            self._dotenv = dict(dotenv_values(self._dotenv_path)) if self._dotenv_path.is_file() else {}
+        value = self._dotenv.get(name)
+        if value is None:
+            raise ConfigError(
+                f"'{where}' uses ${{{name}}}, which is set neither in the environment "
+                f"nor in {self._dotenv_path}"
+            )
+        return value
+
+
+def _substitute(value: Any, where: str, lookup: Callable[[str, str], str]) -> Any:
+    """Replace ``${VAR}`` in every string value, at any depth (keys are left alone)."""
+    if isinstance(value, str):
+        return _VAR.sub(lambda m: lookup(m.group(1), where or "value"), value)
+    if isinstance(value, dict):
+        return {k: _substitute(v, f"{where}.{k}" if where else k, lookup) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, f"{where}[{i}]", lookup) for i, v in enumerate(value)]
+    return value
+
+
+class _Checker:
+    """Type and range checks whose messages name the file and the key."""
+
+    _MISSING = object()
+
+    def __init__(self, path: Path, values: Mapping[str, Any]) -> None:
+        self.path = path
+        self.values = values
+
+    def _get(self, key: str, default: Any) -> Any:
+        value = self.values.get(key, self._MISSING)
+        if value is self._MISSING:
+            if default is self._MISSING:
+                raise ConfigError(f"{self.path}: required key '{key}' is missing")
+            return default
+        return value
+
+    def _fail(self, key: str, what: str) -> ConfigError:
+        return ConfigError(f"{self.path}: '{key}' must be {what}")
+
+    def string(self, key: str, *, allow_empty: bool = False, default: Any = _MISSING) -> str:
+        value = self._get(key, default)
+        if not isinstance(value, str) or (not allow_empty and not value.strip()):
+            raise self._fail(key, "a string" if allow_empty else "a non-empty string")
+        return value
+
+    def integer(self, key: str, low: int, high: int, *, default: Any = _MISSING) -> int:
+        value = self._get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise self._fail(key, f"an integer from {low} to {high}")
+        return value
+
+    def number(
+        self,
+        key: str,
+        low: float,
+        high: float,
+        low_open: bool = False,
+        default: Any = _MISSING,
+    ) -> float:
+        value = self._get(key, default)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if ok:
+            ok = (value > low if low_open else value >= low) and value <= high
+        if not ok:
+            bound = f"> {low}" if low_open else f">= {low}"
+            upper = "" if math.isinf(high) else f" and <= {high}"
+            raise self._fail(key, f"a number {bound}{upper}")
+        return float(value)
+
+
+_SERVER_TYPES = ("stdio", "sse", "http", "streamable-http")
+
+
+def _servers(path: Path, value: Any) -> dict[str, dict[str, Any]]:
+    """Check the mcp.json-style ``servers`` block's shape; the MCP host interprets it."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: 'servers' must be an object (it may be empty: {{}})")
+    servers: dict[str, dict[str, Any]] = {}
+    for name, spec in value.items():
+        where = f"{path}: 'servers.{name}'"
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{where} must be an object")
+        kind = spec.get("type", "stdio" if "command" in spec else None)
+        if kind not in _SERVER_TYPES:
+            raise ConfigError(f"{where}.type must be one of {', '.join(_SERVER_TYPES)}")
+        if kind == "stdio":
+            if not isinstance(spec.get("command"), str) or not spec["command"]:
+                raise ConfigError(f"{where}.command must be a non-empty string")
+            args = spec.get("args", [])
+            if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+                raise ConfigError(f"{where}.args must be a list of strings")
+            env = spec.get("env", {})
+            if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
+                raise ConfigError(f"{where}.env must be an object of strings")
+            if "cwd" in spec and not isinstance(spec["cwd"], str):
+                raise ConfigError(f"{where}.cwd must be a string")
+        else:
+            if not isinstance(spec.get("url"), str) or not spec["url"]:
+                raise ConfigError(f"{where}.url must be a non-empty string")
+            headers = spec.get("headers", {})
+            if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+                raise ConfigError(f"{where}.headers must be an object of strings")
+        servers[name] = {**spec, "type": kind}
+    return servers

@@ -1,0 +1,235 @@
+"""The HTTP process: owns the listening socket and the table of pending requests.
+
+It validates each ``POST /``, forwards the prompt to the model worker over the pipe as a
+``Generate`` and answers when the matching ``Reply`` or ``Failure`` comes back; any number of
+requests wait at once, told apart by request id. It binds the port itself (so "port in use" is a
+clean start-up failure rather than a Sanic traceback) and leaves signals to the supervisor: a
+``Shutdown`` on its control pipe closes the listener and lets every in-flight request finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import time
+import uuid
+from multiprocessing.connection import Connection
+from typing import Any
+
+from sanic import Request, Sanic
+from sanic.exceptions import SanicException
+from sanic.response import HTTPResponse
+from sanic.response import json as json_response
+
+from .channel import PipeChannel
+from .child import prepare_child
+from .config import Config
+from .logs import TRACE, current_request
+from .protocol import (
+    Cancel,
+    Failure,
+    FailureCategory,
+    Generate,
+    Listening,
+    Reply,
+    Shutdown,
+    StartupFailed,
+    StartupFailure,
+    Stopped,
+    http_status,
+)
+from .validation import BadRequest, parse_prompt
+
+log = logging.getLogger("llm_server.http")
+
+MAX_BODY_BYTES = 10_000_000  # "10 MB": larger bodies get 413, with or without Content-Length
+
+
+def run_http(
+    config: Config,
+    worker_conn: Connection,
+    control_conn: Connection,
+    log_queue: Any,
+    output: Connection | None,
+) -> None:
+    """Entry point of the spawned HTTP child."""
+    prepare_child("http", log_queue, config.log_level, output)
+    try:
+        sock = bind_socket(config.listening_host, config.listening_port)
+    except OSError as exc:
+        reason = f"cannot listen on {config.listening_host}:{config.listening_port}: {exc.strerror or exc}"
+        log.error(reason)
+        control_conn.send(StartupFailed(StartupFailure.BIND, reason))
+        return
+    gateway = Gateway(worker_conn, control_conn)
+    app = build_app(config, gateway)
+    app.run(
+        sock=sock,
+        single_process=True,
+        register_sys_signals=False,
+        motd=False,
+        access_log=False,
+        verbosity=0,
+    )
+    left = len(gateway.pending)
+    log.info("http stopped: %d request(s) answered while draining, %d left unanswered",
+             gateway.answered_while_draining, left)
+    control_conn.send(Stopped(f"answered {gateway.answered_while_draining} while draining"))
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind and listen before Sanic starts, so a busy port is reported, not crashed on."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+class Gateway:
+    """Owns the pending-request table: one future per request id, resolved by pipe messages."""
+
+    def __init__(self, worker_conn: Connection, control_conn: Connection) -> None:
+        self._worker_conn = worker_conn
+        self._control_conn = control_conn
+        self.pending: dict[str, asyncio.Future[Reply | Failure]] = {}
+        self.worker: PipeChannel | None = None
+        self.control: PipeChannel | None = None
+        self.draining = False
+        self.answered_while_draining = 0
+        self._app: Sanic | None = None
+
+    def attach(self, app: Sanic, loop: asyncio.AbstractEventLoop) -> None:
+        """Start the pipe readers on the server's loop (called once Sanic has one)."""
+        self._app = app
+        self.worker = PipeChannel(self._worker_conn, loop, self._on_reply, self._on_worker_gone, "worker")
+        self.control = PipeChannel(self._control_conn, loop, self._on_control, self.begin_drain, "control")
+        self.worker.start()
+        self.control.start()
+
+    async def ask(self, request_id: str, prompt: str) -> Reply | Failure:
+        """Forward one prompt and wait for its answer; cancelling tells the worker to stop."""
+        assert self.worker is not None
+        if self.worker.closed:
+            return Failure(request_id, FailureCategory.UNAVAILABLE, "the model worker is not running")
+        future: asyncio.Future[Reply | Failure] = asyncio.get_running_loop().create_future()
+        self.pending[request_id] = future
+        try:
+            if not await self.worker.send(Generate(request_id, prompt)):
+                self._on_worker_gone()
+            return await future
+        except asyncio.CancelledError:
+            self.worker.send_soon(Cancel(request_id))
+            raise
+        finally:
+            self.pending.pop(request_id, None)
+
+    def _on_reply(self, message: Any) -> None:
+        future = self.pending.get(getattr(message, "request_id", ""))
+        if future is not None and not future.done():
+            future.set_result(message)
+
+    def _on_worker_gone(self) -> None:
+        for request_id, future in list(self.pending.items()):
+            if not future.done():
+                future.set_result(
+                    Failure(request_id, FailureCategory.UNAVAILABLE, "the model worker stopped unexpectedly")
+                )
+
+    def _on_control(self, message: Any) -> None:
+        if isinstance(message, Shutdown):
+            self.begin_drain()
+
+    def begin_drain(self) -> None:
+        """Close the listener; Sanic then waits for in-flight requests before returning."""
+        if self.draining or self._app is None:
+            return
+        self.draining = True
+        log.info("http draining: listener closed, %d request(s) in flight", len(self.pending))
+        self._app.stop(terminate=False)
+
+
+def build_app(config: Config, gateway: Gateway) -> Sanic:
+    """The Sanic application: one route, JSON everywhere, errors as ``{"Error": ...}``."""
+    app = Sanic("llm_server", configure_logging=False, dumps=_dumps)
+    app.config.REQUEST_MAX_SIZE = MAX_BODY_BYTES
+    app.config.RESPONSE_TIMEOUT = 24 * 3600  # generations are bounded by max_tokens and tool timeouts
+    app.config.GRACEFUL_SHUTDOWN_TIMEOUT = config.shutdown_timeout_s
+    app.config.MOTD = False
+
+    @app.before_server_start
+    async def _attach(app: Sanic) -> None:
+        gateway.attach(app, asyncio.get_running_loop())
+
+    @app.after_server_start
+    async def _announce(app: Sanic) -> None:
+        log.info("listening on http://%s:%d", config.listening_host, config.listening_port)
+        assert gateway.control is not None
+        await gateway.control.send(Listening(config.listening_host, config.listening_port))
+
+    @app.on_response
+    async def _no_keep_alive_while_draining(request: Request, response: HTTPResponse) -> None:
+        # A kept-alive connection would let a client slip new requests into the drain.
+        if gateway.draining:
+            request.stream.keep_alive = False
+            gateway.answered_while_draining += 1
+
+    @app.post("/")
+    async def generate(request: Request) -> HTTPResponse:
+        request_id = uuid.uuid4().hex[:16]
+        current_request.set(request_id)
+        started = time.monotonic()
+        log.info("request from %s, %d bytes", request.remote_addr or request.ip, len(request.body))
+        try:
+            prompt = parse_prompt(request.body)
+        except BadRequest as exc:
+            return _answer(request_id, 400, {"Error": str(exc)}, started)
+        log.log(TRACE, "prompt: %s", prompt)
+        result = await gateway.ask(request_id, prompt)
+        if isinstance(result, Reply):
+            stats = result.stats
+            log.log(TRACE, "response text: %s", result.text)
+            return _answer(
+                request_id,
+                200,
+                {"response": result.text},
+                started,
+                f"prompt_tokens={stats.prompt_tokens} completion_tokens={stats.completion_tokens} "
+                f"tool_calls={stats.tool_calls}",
+            )
+        return _answer(request_id, http_status(result.category), {"Error": result.message}, started)
+
+    @app.exception(SanicException)
+    async def _sanic_error(request: Request, exc: SanicException) -> HTTPResponse:
+        log.info("rejected %s %s: %d %s", request.method, request.path, exc.status_code, exc)
+        return json_response({"Error": str(exc)}, status=exc.status_code, headers=exc.headers)
+
+    @app.exception(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> HTTPResponse:
+        log.exception("unexpected error while handling %s %s", request.method, request.path)
+        return json_response({"Error": "internal server error"}, status=500)
+
+    return app
+
+
+def _answer(
+    request_id: str, status: int, body: dict[str, str], started: float, detail: str = ""
+) -> HTTPResponse:
+    latency_ms = (time.monotonic() - started) * 1000
+    level = logging.ERROR if status >= 500 else logging.INFO
+    log.log(level, "response %d in %.0f ms %s%s", status, latency_ms, detail,
+            "" if status == 200 else f" error={body.get('Error')!r}")
+    return json_response(body, status=status, headers={"X-Request-Id": request_id})
+
+
+def _dumps(value: Any, **kwargs: Any) -> str:
+    """Standard-library JSON (ujson mishandles some Unicode edge cases)."""
+    return json.dumps(value, ensure_ascii=False, **kwargs)

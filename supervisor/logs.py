@@ -1,0 +1,135 @@
+"""The daemon's one log file, and how every process reaches it.
+
+The supervisor alone owns the file: a ``QueueListener`` drains a multiprocessing queue into a
+``TimedRotatingFileHandler`` that rolls over at midnight to ``<log_filename>-YYYYMMDD`` and never
+deletes anything. Children put records on that queue (``setup_child_logging``), and whatever any
+child writes to its file descriptors 1 and 2 (Python tracebacks, native libraries, MCP servers)
+arrives through a pipe that the supervisor reads line by line (``StreamPump``), so even a child
+that dies hard leaves its last words in the log.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import logging.handlers
+import os
+import sys
+import threading
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+TRACE = 5
+logging.addLevelName(TRACE, "TRACE")
+
+LEVELS = {
+    "trace": TRACE,
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+FORMAT = "%(asctime)s %(levelname)s %(processName)s[%(process)d] %(request_id)s %(message)s"
+
+# The request a task is working on, stamped on every record it logs.
+current_request: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+
+class RequestIdFilter(logging.Filter):
+    """Give every record a ``request_id`` (explicit ``extra`` wins over the context)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(record, "request_id", None):
+            record.request_id = current_request.get()
+        return True
+
+
+def rotated_name(default_name: str) -> str:
+    """``TimedRotatingFileHandler`` names backups ``<file>.<suffix>``; we want ``<file>-<suffix>``."""
+    base, _, suffix = default_name.rpartition(".")
+    return f"{base}-{suffix}"
+
+
+def make_file_handler(path: Path) -> logging.handlers.TimedRotatingFileHandler:
+    """A handler that rolls over at local midnight to ``NAME-YYYYMMDD`` and keeps every file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.handlers.TimedRotatingFileHandler(
+        path, when="midnight", backupCount=0, encoding="utf-8"
+    )
+    handler.suffix = "%Y%m%d"
+    handler.namer = rotated_name
+    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.addFilter(RequestIdFilter())
+    return handler
+
+
+class LogHub:
+    """The supervisor's side: the queue children write to and the listener that writes the file."""
+
+    def __init__(self, path: Path, level: str, queue: Any) -> None:
+        self.queue = queue
+        self.file_handler = make_file_handler(path)
+        self.listener = logging.handlers.QueueListener(
+            queue, self.file_handler, respect_handler_level=False
+        )
+        self.level = LEVELS[level]
+
+    @staticmethod
+    def level_for(name: str) -> int:
+        return LEVELS[name]
+
+    def start(self) -> None:
+        self.listener.start()
+        root = logging.getLogger()
+        root.handlers[:] = [_queue_handler(self.queue)]
+        root.setLevel(self.level)
+        logging.captureWarnings(True)
+
+    def stop(self) -> None:
+        """Flush everything still queued, then close the file."""
+        self.listener.stop()
+        self.file_handler.close()
+
+
+def _queue_handler(queue: Any) -> logging.Handler:
+    handler = logging.handlers.QueueHandler(queue)
+    handler.addFilter(RequestIdFilter())
+    return handler
+
+
+def setup_child_logging(queue: Any, level: str, output: Connection | None) -> None:
+    """Route this child's records to the supervisor, and its fds 1 and 2 into ``output``."""
+    root = logging.getLogger()
+    root.handlers[:] = [_queue_handler(queue)]
+    root.setLevel(LEVELS[level])
+    logging.captureWarnings(True)
+    if output is not None:
+        fd = output.fileno()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        # Line-buffered so a crash loses at most a partial line.
+        sys.stdout = open(1, "w", buffering=1, closefd=False, errors="backslashreplace")
+        sys.stderr = open(2, "w", buffering=1, closefd=False, errors="backslashreplace")
+
+
+class StreamPump(threading.Thread):
+    """Reads a child's output pipe and logs one record per line, naming the source."""
+
+    def __init__(self, conn: Connection, source: str, level: int = logging.WARNING) -> None:
+        super().__init__(name=f"pump-{source}", daemon=True)
+        self._fd = os.dup(conn.fileno())
+        conn.close()
+        self.source = source
+        self.level = level
+        self._log = logging.getLogger("llm_server.output")
+
+    def run(self) -> None:
+        with open(self._fd, "rb", closefd=True) as stream:
+            for raw in stream:
+                line = raw.rstrip(b"\r\n").decode("utf-8", errors="backslashreplace")
+                if line.strip():
+                    self._log.log(self.level, "%s: %s", self.source, line)
+

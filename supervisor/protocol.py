@@ -1,0 +1,136 @@
+"""Typed messages that cross process boundaries.
+
+This module is the whole vocabulary spoken over the pipes between the supervisor, the HTTP
+process and the model worker. It imports nothing heavy (no MLX, no Sanic) so every process can
+load it cheaply. Each message is a small frozen dataclass; messages that belong to a request
+carry its ``request_id``. Failures are data with a category, and ``http_status`` is the one place
+that maps a category to an HTTP status.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class FailureCategory(str, enum.Enum):
+    """Why a request failed; decides the HTTP status in ``http_status``."""
+
+    BAD_REQUEST = "bad_request"  # the client's input cannot be served (e.g. too long)
+    INTERNAL = "internal"  # generation or tool machinery failed
+    UNAVAILABLE = "unavailable"  # the model worker is gone or shutting down
+
+
+def http_status(category: FailureCategory) -> int:
+    """Map a failure category to the HTTP status the client sees (bad input 400, else 500)."""
+    return 400 if category is FailureCategory.BAD_REQUEST else 500
+
+
+# --- HTTP process -> model worker -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Generate:
+    """Answer ``prompt``; the worker replies with exactly one ``Reply`` or ``Failure``."""
+
+    request_id: str
+    prompt: str
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """The client went away: stop working on ``request_id`` and send nothing more for it."""
+
+    request_id: str
+
+
+# --- model worker -> HTTP process -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    """Counters reported with a reply, for the response log line."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    tool_calls: int = 0
+    rounds: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The final answer to a ``Generate``."""
+
+    request_id: str
+    text: str
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of an answer, for streaming responses (reserved; not sent yet)."""
+
+    request_id: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A ``Generate`` that could not be answered."""
+
+    request_id: str
+    category: FailureCategory
+    message: str
+
+
+# --- lifecycle (supervisor <-> children, over each child's own control pipe) -----------------
+
+
+class StartupFailure(str, enum.Enum):
+    """What kind of start-up failure a child reports; each has its own exit code."""
+
+    MODEL = "model"
+    BIND = "bind"
+    INTERNAL = "internal"
+
+
+@dataclass(frozen=True)
+class Ready:
+    """Worker -> supervisor: MCP servers started and model loaded; HTTP may start."""
+
+    model_name: str
+    context_window: int | None
+    tools: int = 0
+
+
+@dataclass(frozen=True)
+class Listening:
+    """HTTP -> supervisor: the port is bound and accepting."""
+
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class StartupFailed:
+    """Child -> supervisor: the child cannot start; it exits right after sending this."""
+
+    kind: StartupFailure
+    reason: str
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """Supervisor -> child: finish what is in flight, release resources, exit."""
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """Child -> supervisor: the child finished its shutdown sequence; ``detail`` says how."""
+
+    detail: str = ""
+
+
+WorkerBound = Generate | Cancel
+HttpBound = Reply | Chunk | Failure

@@ -1,0 +1,62 @@
+"""Shared fixtures: the tiny real model and daemons started in temp working directories."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+from daemon import Daemon, base_config, free_port  # noqa: E402
+from tinymodel import write_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained tiny Qwen2-style model with a real tokenizer and chat template.
+
+    Its end-of-turn embedding row is zeroed (embeddings are tied, so that token's logit is
+    always 0 while the best other logit is positive): greedy decoding never stops early, and
+    every answer is exactly ``max_tokens`` long, which makes in-flight timing predictable.
+    """
+    folder = write_tiny_model(tmp_path_factory.mktemp("model") / "tiny", seed=0)
+    never_stop(folder)
+    return folder
+
+
+def never_stop(folder: Path) -> None:
+    import json
+
+    import mlx.core as mx
+
+    eos = json.loads((folder / "config.json").read_text())["eos_token_id"]
+    weights_file = next(folder.glob("*.safetensors"))
+    weights = mx.load(str(weights_file))
+    (name,) = [k for k in weights if k.endswith("embed_tokens.weight")]
+    table = weights[name]
+    weights[name] = mx.where((mx.arange(table.shape[0]) == eos)[:, None], 0.0, table).astype(table.dtype)
+    mx.save_safetensors(str(weights_file), weights)
+
+
+@pytest.fixture
+def make_daemon(tmp_path: Path, tiny_model: Path) -> Iterator[Callable[..., Daemon]]:
+    """Build daemons in this test's temp folder; every one is killed at teardown if still alive."""
+    made: list[Daemon] = []
+
+    def make(config: dict | None = None, *, env: dict[str, str] | None = None, name: str = "daemon",
+             **overrides: object) -> Daemon:
+        if config is None:
+            config = base_config(tiny_model, free_port(), **overrides)
+        daemon = Daemon(tmp_path / name, config, env)
+        made.append(daemon)
+        return daemon
+
+    yield make
+    for daemon in made:
+        daemon.kill_all()

@@ -1,0 +1,249 @@
+"""Driving a real ``llm-server`` from tests: config files, the subprocess, HTTP and /proc.
+
+Nothing here fakes the daemon: ``Daemon`` writes a ``config.json`` into a temp working
+directory, starts ``python -m supervisor`` there as its own process group, and talks to it over
+real sockets. The raw-socket helpers exist for requests ``http.client`` will not send (chunked
+bodies over the size limit, bodies that are not UTF-8).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def base_config(model_dir: Path | str, port: int, **overrides: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "model_name": str(model_dir),
+        "listening_port": port,
+        "servers": {},
+        "system_prompt": "You are a helpful assistant.",
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "min_p": 0.0,
+        "min_tokens_to_keep": 1,
+        "log_level": "trace",
+        "log_filename": "llm-server.log",
+        "max_tokens": 24,
+    }
+    config.update(overrides)
+    return config
+
+
+@dataclass
+class HttpResult:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class Daemon:
+    """One ``llm-server`` subprocess in its own working directory."""
+
+    def __init__(self, workdir: Path, config: dict[str, Any] | None, env: dict[str, str] | None = None) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        if config is not None:
+            (workdir / "config.json").write_text(json.dumps(config, indent=2))
+        self.config = config or {}
+        self.port = int(self.config.get("listening_port", 0) or 0)
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / self.config.get("log_filename", "llm-server.log")
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(encoding="utf-8") if self.log_path.exists() else ""
+
+    def start(self) -> Daemon:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "supervisor"],
+            cwd=self.workdir,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        return self
+
+    def wait_serving(self, timeout: float = 90.0) -> Daemon:
+        """Wait until the port accepts connections; fail with the log if the daemon exits."""
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.output()}\n{self.log_text()}")
+            if "serving on" in self.log_text() and port_open(self.port):
+                return self
+            time.sleep(0.1)
+        raise AssertionError(f"daemon not serving after {timeout} s:\n{self.log_text()}")
+
+    def wait_exit(self, timeout: float = 60.0) -> int:
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"daemon still running after {timeout} s:\n{self.log_text()}") from None
+
+    def output(self) -> str:
+        """stdout+stderr of an exited daemon."""
+        assert self.proc is not None
+        out, err = self.proc.communicate(timeout=10)
+        return (out + err).decode("utf-8", "replace")
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signum)
+
+    def descendants(self) -> list[int]:
+        assert self.proc is not None
+        return descendants(self.proc.pid)
+
+    def kill_all(self) -> None:
+        """Cleanup: whatever is left of the process group dies."""
+        if self.proc is None:
+            return
+        for pid in [self.proc.pid, *descendants(self.proc.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc.wait(10)
+
+    def wait_log(self, needle: str, count: int = 1, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.log_text().count(needle) >= count:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"{needle!r} not in log {count} time(s) after {timeout} s:\n{self.log_text()}")
+
+    # --- HTTP -------------------------------------------------------------------------------
+
+    def request(self, method: str, path: str = "/", body: bytes | None = None,
+                headers: dict[str, str] | None = None, timeout: float = 120.0) -> HttpResult:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            response = conn.getresponse()
+            return HttpResult(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
+        finally:
+            conn.close()
+
+    def post_json(self, document: Any, timeout: float = 120.0) -> HttpResult:
+        return self.request("POST", "/", json.dumps(document).encode(), {"Content-Type": "application/json"},
+                            timeout=timeout)
+
+    def ask(self, prompt: str, timeout: float = 120.0) -> HttpResult:
+        return self.post_json({"prompt": prompt}, timeout=timeout)
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def raw_exchange(port: int, head: bytes, chunks: Iterable[bytes], timeout: float = 30.0) -> HttpResult:
+    """Send a request piece by piece, stop sending if the server hangs up, read its answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(head)
+        try:
+            for chunk in chunks:
+                sock.sendall(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        data = b""
+        try:
+            while True:
+                piece = sock.recv(65536)
+                if not piece:
+                    break
+                data += piece
+                if _complete(data):
+                    break
+        except (ConnectionResetError, socket.timeout):
+            pass
+    return _parse_response(data)
+
+
+def _complete(data: bytes) -> bool:
+    head, sep, body = data.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(body) >= int(value.strip())
+    return False
+
+
+def _parse_response(data: bytes) -> HttpResult:
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    if not lines or not lines[0].startswith("HTTP/"):
+        raise AssertionError(f"no HTTP response, got {data[:200]!r}")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return HttpResult(status, headers, body)
+
+
+def descendants(pid: int) -> list[int]:
+    """All live descendants of ``pid``, from /proc (no psutil needed)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != b"Z":
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    found: list[int] = []
+    stack = [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+    except OSError:
+        return ""

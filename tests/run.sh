@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine: creates .venv, installs the project with its test
+# extras and the third-party MCP servers the tests use, then runs pytest (arguments pass through).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+
+# Model hubs are never contacted by the tests: every model is built locally by a fixture.
+export HF_HUB_OFFLINE=1
+exec .venv/bin/python -m pytest "$@"

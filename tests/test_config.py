@@ -1,0 +1,104 @@
+"""Config parsing and ``${VAR}`` substitution, as pure functions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from supervisor.config import ConfigError, load_config
+
+VALID = {
+    "model_name": "some/model",
+    "listening_port": 8000,
+    "servers": {},
+    "system_prompt": "sys",
+    "temperature": 0.7,
+    "top_p": 0.9,
+    "min_p": 0.05,
+    "min_tokens_to_keep": 1,
+    "log_level": "warning",
+    "log_filename": "server.log",
+}
+
+
+def write(tmp_path: Path, document: object, dotenv: str | None = None) -> Path:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(document))
+    if dotenv is not None:
+        (tmp_path / ".env").write_text(dotenv)
+    return path
+
+
+def test_valid_config_with_defaults(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, VALID))
+    assert config.listening_host == "127.0.0.1"
+    assert config.max_tokens == 2048
+    assert config.max_tool_rounds == 8
+    assert config.tool_timeout_s == 60.0
+    assert config.mcp_startup_timeout_s == 30.0
+    assert config.log_filename == tmp_path.resolve() / "server.log"
+
+
+@pytest.mark.parametrize("key", list(VALID))
+def test_every_key_is_required(tmp_path: Path, key: str) -> None:
+    document = {k: v for k, v in VALID.items() if k != key}
+    with pytest.raises(ConfigError, match=key):
+        load_config(write(tmp_path, document))
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("listening_port", 0), ("listening_port", 65536), ("listening_port", "8000"), ("listening_port", True),
+        ("temperature", -0.1), ("temperature", "hot"),
+        ("top_p", 0), ("top_p", 1.01),
+        ("min_p", -0.1), ("min_p", 1.1),
+        ("min_tokens_to_keep", 0), ("min_tokens_to_keep", 1.5),
+        ("log_level", "verbose"), ("model_name", ""), ("system_prompt", 3),
+        ("servers", []), ("servers", {"a": {"type": "carrier-pigeon"}}), ("servers", {"a": {"type": "sse"}}),
+        ("servers", {"a": {"command": "x", "args": "not a list"}}),
+        ("max_tokens", 0), ("listening_host", ""),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path: Path, key: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=key):
+        load_config(write(tmp_path, {**VALID, key: value}))
+
+
+@pytest.mark.parametrize("level", ["trace", "debug", "info", "warning", "error", "WARNING"])
+def test_log_levels(tmp_path: Path, level: str) -> None:
+    assert load_config(write(tmp_path, {**VALID, "log_level": level})).log_level == level.lower()
+
+
+def test_substitution_at_any_depth_env_before_dotenv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FROM_ENV", "env-value")
+    monkeypatch.delenv("FROM_FILE", raising=False)
+    document = {
+        **VALID,
+        "model_name": "${FROM_ENV}/x",
+        "servers": {"s": {"command": "run", "args": ["--key", "${FROM_FILE}"], "env": {"T": "a${FROM_ENV}b"}}},
+    }
+    config = load_config(write(tmp_path, document, dotenv="FROM_FILE=file-value\nFROM_ENV=loses\n"))
+    assert config.model_name == "env-value/x"
+    assert config.servers["s"]["args"] == ["--key", "file-value"]
+    assert config.servers["s"]["env"] == {"T": "aenv-valueb"}
+    assert config.servers["s"]["type"] == "stdio"
+
+
+def test_missing_variable_names_variable_and_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOPE", raising=False)
+    with pytest.raises(ConfigError, match=r"servers\.s\.headers\.Authorization.*\$\{NOPE\}"):
+        load_config(write(tmp_path, {**VALID, "servers": {"s": {"type": "http", "url": "http://x",
+                                                                  "headers": {"Authorization": "Bearer ${NOPE}"}}}}))
+
+
+def test_not_json_and_not_object(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{nope")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_config(tmp_path / "config.json")
+    with pytest.raises(ConfigError, match="JSON object"):
+        load_config(write(tmp_path, [1]))
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.json")

@@ -1,0 +1,274 @@
+"""Start-up, shutdown and failure scenarios of the whole daemon, as a user would see them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from daemon import Daemon, HttpResult, base_config, cmdline, descendants, free_port, port_open
+
+
+def ask_in_background(daemon: Daemon, prompts: list[str]) -> tuple[list[threading.Thread], dict[int, object]]:
+    results: dict[int, object] = {}
+
+    def client(i: int, prompt: str) -> None:
+        try:
+            results[i] = daemon.ask(prompt, timeout=180)
+        except Exception as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=client, args=(i, p)) for i, p in enumerate(prompts)]
+    for t in threads:
+        t.start()
+    return threads, results
+
+
+def assert_gone(pids: list[int], grace_s: float = 5.0) -> None:
+    """Every pid has exited (multiprocessing's resource tracker needs a moment after EOF)."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        alive = [p for p in pids if Path(f"/proc/{p}").exists() and not _zombie(p)]
+        if not alive or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert not alive, f"processes left behind: {[(p, cmdline(p)) for p in alive]}"
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_drains_in_flight_requests_then_exits_0(
+    make_daemon: Callable[..., Daemon], signum: int
+) -> None:
+    """Scenario:
+    1. start the daemon with long generations (max_tokens 1500);
+    2. send 4 requests and wait until the log shows all 4 arrived;
+    3. send the signal to the supervisor;
+    4. once the HTTP process logs that it is draining, a new connection is refused;
+    5. all 4 in-flight requests get 200 with a response;
+    6. the daemon exits 0, the log shows the shutdown steps in order, no process is left.
+    """
+    daemon = make_daemon(max_tokens=1500).start().wait_serving()
+    children = daemon.descendants()
+    assert len(children) >= 2
+    threads, results = ask_in_background(daemon, [f"tell me a long story number {i}" for i in range(4)])
+    daemon.wait_log("request from", count=4)
+    daemon.signal(signum)
+    daemon.wait_log("http draining")
+    refused = not port_open(daemon.port)
+    for t in threads:
+        t.join(180)
+    assert daemon.wait_exit(120) == 0
+    assert refused, "a new connection was accepted after shutdown began"
+    for i in range(4):
+        result = results[i]
+        assert isinstance(result, HttpResult), result
+        assert result.status == 200, result.body
+        assert result.json()["response"]
+    log = daemon.log_text()
+    steps = [
+        f"received {signal.Signals(signum).name}",
+        "step 1/3",
+        "http draining: listener closed, 4 request(s) in flight",
+        "response 200",
+        "http stopped",
+        "step 2/3",
+        "model unloaded",
+        "step 3/3",
+    ]
+    position = 0
+    for step in steps:  # each step appears after the one before it
+        found = log.find(step, position)
+        assert found >= 0, f"{step!r} missing after position {position}:\n{log}"
+        position = found
+    assert "exiting with code 0" in log
+    assert log.count("completion_tokens=1500") == 4  # every answer ran to the end
+    assert_gone(children)
+
+
+def test_process_titles_are_visible_in_ps(make_daemon: Callable[..., Daemon]) -> None:
+    daemon = make_daemon().start().wait_serving()
+    assert daemon.proc is not None
+    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True, check=True).stdout
+    titles = {}
+    for line in ps.splitlines()[1:]:
+        pid, _, args = line.strip().partition(" ")
+        titles[int(pid)] = args.strip()
+    ours = [daemon.proc.pid, *daemon.descendants()]
+    seen = {titles.get(pid) for pid in ours}
+    assert {"llm-server: supervisor", "llm-server: model-worker", "llm-server: http"} <= seen, seen
+    assert titles[daemon.proc.pid] == "llm-server: supervisor"
+
+
+def test_model_that_fails_to_load_exits_3_without_opening_the_port(
+    make_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    port = free_port()
+    daemon = make_daemon(base_config(broken, port)).start()
+    opened = False
+    while daemon.proc.poll() is None:
+        opened = opened or port_open(port)
+        time.sleep(0.05)
+    assert daemon.wait_exit() == 3
+    assert not opened
+    log = daemon.log_text()
+    assert "cannot load model" in log and "No safetensors found" in log
+    assert "serving on" not in log
+    assert "exit code 3" in daemon.output()
+
+
+def test_missing_listening_port_is_logged_and_exits_2(make_daemon: Callable[..., Daemon], tiny_model: Path) -> None:
+    config = base_config(tiny_model, 1)
+    del config["listening_port"]
+    daemon = make_daemon(config).start()
+    assert daemon.wait_exit() == 2
+    assert "listening_port" in daemon.log_text()
+
+
+def test_missing_log_filename_goes_to_stderr_and_exits_2(make_daemon: Callable[..., Daemon], tiny_model: Path) -> None:
+    config = base_config(tiny_model, free_port())
+    del config["log_filename"]
+    daemon = make_daemon(config).start()
+    assert daemon.wait_exit() == 2
+    assert "log_filename" in daemon.output()
+    assert not list(daemon.workdir.glob("*.log*"))
+
+
+@pytest.mark.parametrize(
+    ("bad", "fragment"),
+    [
+        ({"listening_port": 70000}, "listening_port"),
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"min_tokens_to_keep": 0}, "min_tokens_to_keep"),
+        ({"log_level": "verbose"}, "log_level"),
+        ({"servers": []}, "servers"),
+    ],
+)
+def test_invalid_values_are_named_in_the_log(
+    make_daemon: Callable[..., Daemon], tiny_model: Path, bad: dict, fragment: str
+) -> None:
+    daemon = make_daemon(base_config(tiny_model, free_port(), **bad)).start()
+    assert daemon.wait_exit() == 2
+    assert f"'{fragment}'" in daemon.log_text()
+
+
+def test_port_in_use_exits_4(make_daemon: Callable[..., Daemon], tiny_model: Path) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        daemon = make_daemon(base_config(tiny_model, port)).start()
+        assert daemon.wait_exit() == 4
+    assert f"cannot listen on 127.0.0.1:{port}" in daemon.log_text()
+    assert "spawned model-worker" not in daemon.log_text()  # failed before loading anything
+
+
+def test_port_taken_while_model_loads_exits_4(make_daemon: Callable[..., Daemon]) -> None:
+    """Scenario: the port is free at start-up, another program takes it while the model loads;
+    the HTTP process cannot bind, the worker is stopped, and the daemon exits 4."""
+    daemon = make_daemon().start()
+    daemon.wait_log("spawned model-worker")
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", daemon.port))
+        squatter.listen()
+        assert daemon.wait_exit() == 4
+    log = daemon.log_text()
+    assert "http failed to start: cannot listen on" in log
+    assert "model-worker (pid" in log and "exiting with code 4" in log
+
+
+def test_variables_come_from_environment(make_daemon: Callable[..., Daemon], tiny_model: Path) -> None:
+    config = base_config("${TINY_MODEL_DIR}", free_port(), system_prompt="The secret is ${SECRET_WORD}.")
+    daemon = make_daemon(config, env={"TINY_MODEL_DIR": str(tiny_model), "SECRET_WORD": "hunter2-env"})
+    daemon.start().wait_serving()
+    assert daemon.ask("hi").status == 200
+    daemon.signal()
+    assert daemon.wait_exit() == 0
+    assert "hunter2-env" not in daemon.log_text()
+    assert str(tiny_model) in daemon.log_text()  # the model name is not a secret
+
+
+def test_variables_come_from_dotenv_beside_config(make_daemon: Callable[..., Daemon], tiny_model: Path) -> None:
+    config = base_config("${TINY_MODEL_DIR}", free_port(), system_prompt="The secret is ${SECRET_WORD}.")
+    daemon = make_daemon(config)
+    (daemon.workdir / ".env").write_text(f"TINY_MODEL_DIR={tiny_model}\nSECRET_WORD=hunter2-dotenv\n")
+    daemon.env.pop("TINY_MODEL_DIR", None)
+    daemon.start().wait_serving()
+    assert daemon.ask("hi").status == 200
+    daemon.signal()
+    assert daemon.wait_exit() == 0
+    assert "hunter2-dotenv" not in daemon.log_text()
+    assert sorted(p.name for p in daemon.workdir.iterdir()) == [".env", "config.json", "llm-server.log"]
+
+
+def test_missing_variable_is_logged_and_exits_2(make_daemon: Callable[..., Daemon], tiny_model: Path) -> None:
+    config = base_config(tiny_model, free_port(), servers={"x": {"command": "x", "env": {"TOKEN": "${NOT_SET_ANYWHERE}"}}})
+    daemon = make_daemon(config)
+    daemon.env.pop("NOT_SET_ANYWHERE", None)
+    daemon.start()
+    assert daemon.wait_exit() == 2
+    log = daemon.log_text()
+    assert "NOT_SET_ANYWHERE" in log and "servers.x.env.TOKEN" in log
+
+
+def test_log_rolls_over_to_dated_name(make_daemon: Callable[..., Daemon]) -> None:
+    """Scenario: a log file last written yesterday is rolled over to NAME-YYYYMMDD when the
+    daemon next writes, and the new lines go to a fresh NAME."""
+    daemon = make_daemon()
+    old = daemon.log_path
+    old.write_text("old line from yesterday\n")
+    yesterday = time.time() - 86400
+    os.utime(old, (yesterday, yesterday))
+    daemon.start().wait_serving()
+    daemon.signal()
+    assert daemon.wait_exit() == 0
+    stamp = time.strftime("%Y%m%d", time.localtime(yesterday))
+    rotated = old.with_name(f"{old.name}-{stamp}")
+    assert rotated.read_text() == "old line from yesterday\n"
+    assert "serving on" in old.read_text()
+    assert not list(old.parent.glob(f"{old.name}.*"))
+
+
+def test_worker_crash_fails_pending_requests_and_is_restarted(make_daemon: Callable[..., Daemon]) -> None:
+    """Scenario:
+    1. a request is in flight (long generation);
+    2. the model worker is killed with SIGKILL;
+    3. the request gets a 500 with a JSON error;
+    4. the supervisor restarts the worker and HTTP, and a new request gets 200.
+    """
+    daemon = make_daemon(max_tokens=3000).start().wait_serving()
+    threads, results = ask_in_background(daemon, ["a long story please"])
+    daemon.wait_log("request from")
+    worker = [p for p in daemon.descendants() if cmdline(p) == "llm-server: model-worker"]
+    assert len(worker) == 1
+    os.kill(worker[0], signal.SIGKILL)
+    threads[0].join(60)
+    result = results[0]
+    assert isinstance(result, HttpResult) and result.status == 500, result
+    assert "worker" in result.json()["Error"]
+    daemon.wait_log("restarting children")
+    daemon.wait_log("serving on", count=2, timeout=90)
+    deadline = time.monotonic() + 30
+    while not port_open(daemon.port) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert daemon.ask("are you back?").status == 200
+    daemon.signal()
+    assert daemon.wait_exit() == 0

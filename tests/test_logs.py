@@ -1,0 +1,65 @@
+"""The log file: rotation names, and fd-level output of children captured line by line."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import time
+from pathlib import Path
+
+from supervisor.logs import LogHub, StreamPump, make_file_handler, rotated_name, setup_child_logging
+
+
+def test_rotated_name_has_a_dash_not_a_dot() -> None:
+    assert rotated_name("/var/log/llm.log.20261126") == "/var/log/llm.log-20261126"
+
+
+def test_forced_rollover_produces_name_dash_date(tmp_path: Path) -> None:
+    path = tmp_path / "daemon.log"
+    handler = make_file_handler(path)
+    logger = logging.getLogger("test.rollover")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("before")
+        handler.doRollover()
+        logger.warning("after")
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    rotated = sorted(p.name for p in tmp_path.iterdir() if p.name != "daemon.log")
+    assert len(rotated) == 1 and rotated[0].startswith("daemon.log-") and rotated[0][-8:].isdigit()
+    assert "before" in (tmp_path / rotated[0]).read_text()
+    assert "after" in path.read_text() and "before" not in path.read_text()
+
+
+def _child(queue: object, output: object) -> None:
+    setup_child_logging(queue, "info", output)
+    logging.getLogger("child").info("a record through the queue")
+    queue.close()  # flush the queue's feeder thread: os._exit below skips it
+    queue.join_thread()
+    os.write(2, b"native stderr line one\nline two\n")
+    os.write(1, b"stdout too\n")
+    os._exit(7)  # dies hard: nothing is flushed by Python
+
+
+def test_child_output_at_fd_level_reaches_the_log(tmp_path: Path) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    hub = LogHub(tmp_path / "d.log", "info", ctx.Queue())
+    hub.start()
+    reader, writer = ctx.Pipe(duplex=False)
+    process = ctx.Process(target=_child, args=(hub.queue, writer), name="kid")
+    process.start()
+    writer.close()
+    pump = StreamPump(reader, "kid[1]")
+    pump.start()
+    process.join(30)
+    pump.join(10)
+    time.sleep(0.2)
+    hub.stop()
+    text = (tmp_path / "d.log").read_text()
+    assert process.exitcode == 7
+    assert "INFO kid[" in text and "a record through the queue" in text
+    for line in ("kid[1]: native stderr line one", "kid[1]: line two", "kid[1]: stdout too"):
+        assert line in text

@@ -41,8 +41,9 @@ def test_prompt_gets_a_response(daemon: Daemon) -> None:
     assert list(document) == ["response"] and isinstance(document["response"], str)
     assert document["response"]
     assert result.headers.get("x-request-id")
-    log = daemon.log_text()
     request_id = result.headers["x-request-id"]
+    daemon.wait_log(f"{request_id} response 200 in")  # records reach the file a moment later
+    log = daemon.log_text()
     assert f"{request_id} request from 127.0.0.1" in log
     assert f"{request_id} prompt: Hello, who are you?" in log  # trace level logs bodies
     assert f"{request_id} response 200 in" in log

@@ -10,13 +10,11 @@ answers in plain text or the round limit is reached, after which it answers with
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
-from supervisor.logs import TRACE
 from supervisor.protocol import GenerationStats
 
 from .chat import ToolCall, assistant_message, first_messages, parse_output, render, tool_message
@@ -79,8 +77,9 @@ class ToolLoop:
         rounds = calls_made = completion_tokens = 0
         prompt_tokens = 0
         while True:
-            tools = self.host.tools() if self.host is not None and rounds < self.max_tool_rounds else None
-            if self.host is not None and tools is None and rounds:
+            limit_reached = rounds >= self.max_tool_rounds
+            tools = None if self.host is None or limit_reached else (self.host.tools() or None)
+            if limit_reached and rounds:
                 log.info("tool round limit (%d) reached: answering without tools", self.max_tool_rounds)
             ids = await asyncio.to_thread(render, tokenizer, messages, tools)
             budget = self._budget(len(ids), first=rounds == 0)
@@ -126,8 +125,7 @@ class ToolLoop:
             raise
 
     async def _call(self, call: ToolCall) -> str:
+        """One tool call; the host logs it and turns every failure into readable text."""
         assert self.host is not None
-        log.log(TRACE, "tool call %s arguments: %s", call.name, json.dumps(call.arguments, ensure_ascii=False))
         result = await self.host.call_tool(call.name, call.arguments)
-        log.log(TRACE, "tool call %s result (is_error=%s): %s", call.name, result.is_error, result.text)
         return result.text

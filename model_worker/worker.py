@@ -33,7 +33,8 @@ from supervisor.protocol import (
 )
 
 from .engine import CancelledGeneration, Engine, ModelLoadError, SamplingSettings
-from .tool_loop import PromptTooLong, ToolHost, ToolLoop
+from .mcp_host import MCPHost
+from .tool_loop import PromptTooLong, ToolLoop
 
 log = logging.getLogger("llm_server.worker")
 
@@ -87,18 +88,25 @@ class Worker:
             )
             self.http = PipeChannel(self._http_conn, loop, self._on_request, lambda: None, "http")
             self.http.start()
-            tools = len(host.tools()) if host is not None else 0
+            tools = len(host.tools())
             await control.send(Ready(self.config.model_name, engine.context_window, tools))
             await self.stopping.wait()
             await self._drain()
             log.info("unloading model")
             await asyncio.to_thread(engine.stop)
             log.info("stopping MCP servers")
+        log.info("MCP servers stopped")
         await control.send(Stopped("model unloaded, MCP servers stopped"))
 
-    def _tool_host(self) -> Any:
-        """The MCP host as an async context manager (none configured: a null one)."""
-        return _NoTools()
+    def _tool_host(self) -> MCPHost:
+        """Every configured MCP server, started concurrently before the model loads."""
+        if self.config.servers:
+            log.info("starting %d MCP server(s)", len(self.config.servers))
+        return MCPHost(
+            self.config.servers,
+            startup_timeout_s=self.config.mcp_startup_timeout_s,
+            tool_timeout_s=self.config.tool_timeout_s,
+        )
 
     def _on_control(self, message: Any) -> None:
         if isinstance(message, Shutdown):
@@ -143,12 +151,3 @@ class Worker:
         for task in list(self.tasks.values()):
             task.cancel()
 
-
-class _NoTools:
-    """Stands in for the MCP host when no servers are configured."""
-
-    async def __aenter__(self) -> ToolHost | None:
-        return None
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None

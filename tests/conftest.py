@@ -60,3 +60,21 @@ def make_daemon(tmp_path: Path, tiny_model: Path) -> Iterator[Callable[..., Daem
     yield make
     for daemon in made:
         daemon.kill_all()
+
+
+@pytest.fixture(scope="session")
+def files_folder() -> Path:
+    """The folder the filesystem MCP server may see (holds notes.txt). Its path is part of the
+    trained transcripts, so it is fixed per checkout to let the trained model be cached."""
+    folder = Path(__file__).resolve().parents[1] / ".test-deps" / "files"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tool_model(files_folder: Path) -> Path:
+    """A tiny model trained to call the test servers' tools (cached across sessions)."""
+    from tool_model import build_tool_model
+
+    cache = Path(__file__).resolve().parents[1] / ".test-deps" / "models"
+    return build_tool_model(cache, files_folder)

@@ -11,6 +11,14 @@ fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
 
+# Third-party MCP servers the tests run for real: mcp-server-time comes with the test extras
+# (PyPI); the filesystem server comes from npm into .test-deps/.
+FS_SERVER_VERSION=2026.8.31
+if [ ! -x .test-deps/npm/node_modules/.bin/mcp-server-filesystem ]; then
+    npm install --silent --no-audit --no-fund --prefix .test-deps/npm \
+        "@modelcontextprotocol/server-filesystem@$FS_SERVER_VERSION"
+fi
+
 # Model hubs are never contacted by the tests: every model is built locally by a fixture.
 export HF_HUB_OFFLINE=1
 exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,221 @@
+"""Tools end to end: the real daemon, a tiny model trained to call tools, real MCP servers.
+
+Every test here goes through HTTP to a daemon subprocess whose worker starts the MCP servers,
+renders their tools into the model's chat template, parses the model's native tool calls with
+mlx-lm's parser, calls the servers and feeds the results back.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from daemon import Daemon, base_config, cmdline, free_port
+from tool_model import (
+    CALC_SERVER,
+    MAX_TOOL_ROUNDS,
+    SYSTEM_PROMPT,
+    TOOL_TIMEOUT_S,
+    calc_servers,
+    files_servers,
+    time_servers,
+)
+
+
+def tool_config(model: Path, servers: dict, **overrides: object) -> dict:
+    return base_config(
+        model, free_port(), servers=servers, system_prompt=SYSTEM_PROMPT, max_tokens=200,
+        tool_timeout_s=TOOL_TIMEOUT_S, max_tool_rounds=MAX_TOOL_ROUNDS, **overrides,
+    )
+
+
+def request_lines(daemon: Daemon, request_id: str) -> list[str]:
+    return [line for line in daemon.log_text().splitlines() if f" {request_id} " in line]
+
+
+def ask_ok(daemon: Daemon, prompt: str) -> tuple[str, str]:
+    result = daemon.ask(prompt)
+    assert result.status == 200, result.body
+    text = result.json()["response"]
+    assert "<tool_call>" not in text and "</tool_call>" not in text
+    request_id = result.headers["x-request-id"]
+    daemon.wait_log(f"{request_id} response 200")
+    return text, request_id
+
+
+@pytest.fixture(scope="module")
+def calc_daemon(tmp_path_factory: pytest.TempPathFactory, tool_model: Path) -> Iterator[Daemon]:
+    daemon = Daemon(tmp_path_factory.mktemp("calc"), tool_config(tool_model, calc_servers()))
+    daemon.start().wait_serving()
+    yield daemon
+    daemon.kill_all()
+
+
+def test_model_calls_add_and_the_sum_is_in_the_response(calc_daemon: Daemon) -> None:
+    text, request_id = ask_ok(calc_daemon, "What is 2 + 3?")
+    assert text == "2 + 3 = 5."
+    lines = "\n".join(request_lines(calc_daemon, request_id))
+    assert re.search(r"tool call add server=calc duration=\d+ms outcome=ok", lines)
+    assert 'tool call add arguments: {"a": 2, "b": 3}' in lines  # trace level
+    assert "tool call add result: 5" in lines
+    assert "tool_calls=1" in lines
+
+
+def test_plain_question_needs_no_tool(calc_daemon: Daemon) -> None:
+    text, request_id = ask_ok(calc_daemon, "Say hello.")
+    assert text == "Hello! How can I help you today?"
+    assert "tool call" not in "\n".join(request_lines(calc_daemon, request_id))
+
+
+def test_slow_tool_times_out_and_the_request_is_still_answered(calc_daemon: Daemon) -> None:
+    text, request_id = ask_ok(calc_daemon, "Wait for 5 seconds.")
+    assert text == "The wait did not finish in time."
+    assert re.search(r"tool call slow server=calc duration=\d+ms outcome=timeout",
+                     "\n".join(request_lines(calc_daemon, request_id)))
+
+
+def test_round_limit_stops_tool_calls(calc_daemon: Daemon) -> None:
+    """The model would call echo three times; max_tool_rounds=2 makes it answer after two."""
+    _, request_id = ask_ok(calc_daemon, "Echo hello again and again.")
+    lines = "\n".join(request_lines(calc_daemon, request_id))
+    assert len(re.findall(r"tool call echo server=calc .* outcome=ok", lines)) == MAX_TOOL_ROUNDS
+    assert f"tool round limit ({MAX_TOOL_ROUNDS}) reached" in lines
+    assert f"tool_calls={MAX_TOOL_ROUNDS}" in lines
+
+
+def test_concurrent_tool_requests(calc_daemon: Daemon) -> None:
+    import threading
+
+    answers: list[str] = []
+
+    def client() -> None:
+        answers.append(calc_daemon.ask("What is 2 + 3?").json()["response"])
+
+    threads = [threading.Thread(target=client) for _ in range(6)] + [
+        threading.Thread(target=lambda: answers.append(calc_daemon.ask("Wait for 5 seconds.").json()["response"]))
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert sorted(answers) == ["2 + 3 = 5."] * 6 + ["The wait did not finish in time."]
+
+
+def test_crash_mid_request_is_survived_and_the_server_comes_back(
+    make_daemon: Callable[..., Daemon], tool_model: Path
+) -> None:
+    """Scenario:
+    1. a request makes the model call `crash`, which kills the calc server mid-request;
+    2. the request is still answered 200 and the log has the server's death;
+    3. while the server is down, a request sees no calc tools (no tool call is made);
+    4. the host restarts the server in the background; its tools come back and `add` works.
+    """
+    daemon = make_daemon(tool_config(tool_model, calc_servers())).start().wait_serving()
+    _, request_id = ask_ok(daemon, "Please crash the calculator.")
+    log = daemon.log_text()
+    assert re.search(r"tool call crash server=calc .* outcome=(dead|error)", log)
+    assert "mcp[calc] server died" in log and "tools are withdrawn" in log
+    up_before = log.count("mcp[calc] up")
+    daemon.wait_log("mcp[calc] up", count=up_before + 1, timeout=30)
+    assert "mcp[calc] restart attempt 1" in daemon.log_text()
+    text, _ = ask_ok(daemon, "What is 2 + 3?")
+    assert text == "2 + 3 = 5."
+
+
+def test_tools_stay_withdrawn_while_the_server_cannot_restart(
+    make_daemon: Callable[..., Daemon], tool_model: Path, tmp_path: Path
+) -> None:
+    """Scenario: the calc server starts once, then every restart fails (its launcher refuses to
+    run twice). After `crash`, later requests are rendered without its tools: the model makes
+    no tool call, the request is still answered, and each failed restart is logged."""
+    marker = tmp_path / "started-once"
+    launcher = f'[ -e "{marker}" ] && exit 1; touch "{marker}"; exec "{sys.executable}" "{CALC_SERVER}"'
+    servers = {"calc": {"command": "sh", "args": ["-c", launcher]}}
+    daemon = make_daemon(tool_config(tool_model, servers)).start().wait_serving()
+    ask_ok(daemon, "Please crash the calculator.")
+    daemon.wait_log("tools are withdrawn")
+    daemon.wait_log("mcp[calc] restart attempt 1")
+    _, request_id = ask_ok(daemon, "What is 2 + 3?")
+    lines = "\n".join(request_lines(daemon, request_id))
+    assert "tool_calls=0" in lines and "tool call add" not in lines
+    daemon.wait_log("mcp[calc] failed to start", count=1)
+
+
+def test_real_time_server(make_daemon: Callable[..., Daemon], tool_model: Path) -> None:
+    daemon = make_daemon(tool_config(tool_model, time_servers())).start().wait_serving()
+    text, request_id = ask_ok(daemon, "What time is it in Tokyo when it is 12:00 in UTC?")
+    assert "21:00" in text
+    assert re.search(r"tool call convert_time server=time .* outcome=ok", "\n".join(request_lines(daemon, request_id)))
+
+
+def test_real_filesystem_server(make_daemon: Callable[..., Daemon], tool_model: Path, files_folder: Path) -> None:
+    daemon = make_daemon(tool_config(tool_model, files_servers(files_folder))).start().wait_serving()
+    text, request_id = ask_ok(daemon, "What does notes.txt say?")
+    assert "4242" in text
+    assert re.search(r"tool call read_text_file server=files .* outcome=ok",
+                     "\n".join(request_lines(daemon, request_id)))
+    text, request_id = ask_ok(daemon, "Which files are in the folder?")
+    assert "notes.txt" in text
+    assert "tool call list_directory server=files" in "\n".join(request_lines(daemon, request_id))
+
+
+def test_servers_that_fail_to_start_are_skipped(make_daemon: Callable[..., Daemon], tool_model: Path) -> None:
+    servers = {
+        **calc_servers(),
+        "missing": {"command": "/nonexistent/mcp-server"},
+        "hangs": {"command": "sleep", "args": ["600"]},
+    }
+    daemon = make_daemon(tool_config(tool_model, servers, mcp_startup_timeout_s=3)).start().wait_serving()
+    log = daemon.log_text()
+    assert "mcp[missing] failed to start" in log
+    assert "mcp[hangs] failed to start" in log
+    text, _ = ask_ok(daemon, "What is 2 + 3?")
+    assert text == "2 + 3 = 5."
+
+
+def test_streamable_http_server(make_daemon: Callable[..., Daemon], tool_model: Path) -> None:
+    port = free_port()
+    server = subprocess.Popen([sys.executable, str(CALC_SERVER), "--transport", "streamable-http", "--port", str(port)],
+                              stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        servers = {"calc": {"type": "http", "url": f"http://127.0.0.1:{port}/mcp"}}
+        daemon = make_daemon(tool_config(tool_model, servers)).start().wait_serving()
+        text, _ = ask_ok(daemon, "What is 2 + 3?")
+        assert text == "2 + 3 = 5."
+    finally:
+        server.kill()
+        server.wait(10)
+
+
+def test_no_mcp_process_left_after_sigterm(
+    make_daemon: Callable[..., Daemon], tool_model: Path, files_folder: Path
+) -> None:
+    servers = {**calc_servers(), **time_servers(), **files_servers(files_folder)}
+    daemon = make_daemon(tool_config(tool_model, servers)).start().wait_serving()
+    everything = daemon.descendants()
+    mcp = [p for p in everything if "calc_server" in cmdline(p) or "mcp_server_time" in cmdline(p)
+           or "mcp-server-filesystem" in cmdline(p)]
+    assert len(mcp) >= 3, [cmdline(p) for p in everything]
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait_exit(60) == 0
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in everything):
+        time.sleep(0.1)
+    left = [(p, cmdline(p)) for p in everything if Path(f"/proc/{p}").exists() and cmdline(p)]
+    assert not left, left
+    assert "MCP servers stopped" in daemon.log_text()

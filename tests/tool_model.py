@@ -1,0 +1,122 @@
+"""The trained tiny model for the tool tests, and the MCP server configs it was trained for.
+
+Random weights never call a tool, so the tool tests use a tiny model trained (in seconds, on the
+CPU) to reproduce a handful of transcripts: a user asks, the assistant emits a tool call in the
+model's own format, the tool answers, the assistant answers using the result. The transcripts
+are built from the *live* servers: their tool schemas come from ``MCPHost.tools()`` and their
+results from ``MCPHost.call_tool`` — the very code the daemon runs — and rendered with
+``model_worker.chat``, so what the model memorised is byte-for-byte what the daemon will show it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from model_worker.chat import ToolCall, assistant_message, first_messages, tool_message
+from model_worker.mcp_host import MCPHost
+from tinymodel import Conversation, cached_trained_model
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+CALC_SERVER = TESTS / "servers" / "calc_server.py"
+SYSTEM_PROMPT = "You are a helpful assistant."
+TOOL_TIMEOUT_S = 1.0
+MAX_TOOL_ROUNDS = 2
+FILE_TEXT = "The launch code is 4242.\n"
+
+
+def filesystem_server_binary() -> str:
+    """The npm filesystem server that tests/run.sh installs (or LLM_SERVER_FS_SERVER)."""
+    path = os.environ.get("LLM_SERVER_FS_SERVER") or str(
+        ROOT / ".test-deps" / "npm" / "node_modules" / ".bin" / "mcp-server-filesystem"
+    )
+    if not os.access(path, os.X_OK):
+        raise AssertionError(
+            f"{path} is missing: run tests/run.sh, which installs @modelcontextprotocol/server-filesystem"
+        )
+    return path
+
+
+def calc_servers() -> dict[str, Any]:
+    return {"calc": {"command": sys.executable, "args": [str(CALC_SERVER)]}}
+
+
+def time_servers() -> dict[str, Any]:
+    return {"time": {"command": sys.executable, "args": ["-m", "mcp_server_time", "--local-timezone", "UTC"]}}
+
+
+def files_servers(folder: Path) -> dict[str, Any]:
+    return {"files": {"command": filesystem_server_binary(), "args": [str(folder)]}}
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One scripted exchange: tool calls in order (name, arguments), then the final answer."""
+
+    prompt: str
+    calls: tuple[tuple[str, dict[str, Any]], ...]
+    answer: str
+
+
+CALC_TURNS = (
+    Turn("Say hello.", (), "Hello! How can I help you today?"),
+    Turn("What is 2 + 3?", (("add", {"a": 2, "b": 3}),), "2 + 3 = 5."),
+    Turn("Wait for 5 seconds.", (("slow", {"seconds": 5}),), "The wait did not finish in time."),
+    Turn("Echo hello again and again.", (("echo", {"text": "hello"}),) * 3, "I echoed hello three times."),
+    Turn("Please crash the calculator.", (("crash", {}),), "The calculator crashed."),
+)
+TIME_TURNS = (
+    Turn(
+        "What time is it in Tokyo when it is 12:00 in UTC?",
+        (("convert_time", {"source_timezone": "UTC", "time": "12:00", "target_timezone": "Asia/Tokyo"}),),
+        "When it is 12:00 in UTC, it is 21:00 in Tokyo.",
+    ),
+)
+
+
+def files_turns(folder: Path) -> tuple[Turn, ...]:
+    return (
+        Turn("What does notes.txt say?", (("read_text_file", {"path": str(folder / "notes.txt")}),),
+             "notes.txt says: The launch code is 4242."),
+        Turn("Which files are in the folder?", (("list_directory", {"path": str(folder)}),),
+             "The folder holds one file: notes.txt."),
+    )
+
+
+async def _transcripts(servers: dict[str, Any], turns: tuple[Turn, ...]) -> list[Conversation]:
+    """Run each turn's calls against the live servers and record the whole conversation."""
+    conversations = []
+    for turn in turns:
+        # A fresh host per turn: 'crash' kills its server, and the transcript needs the tool
+        # list as the daemon shows it at the start of a request.
+        async with MCPHost(servers, tool_timeout_s=TOOL_TIMEOUT_S, restart=False) as host:
+            tools = host.tools()
+            assert tools, f"no tools from {list(servers)}: {host.status()}"
+            messages = first_messages(SYSTEM_PROMPT, turn.prompt)
+            for n, (name, arguments) in enumerate(turn.calls):
+                call = ToolCall(name, arguments, id=f"call_{n}")
+                result = await host.call_tool(name, arguments)
+                messages += [assistant_message("", [call]), tool_message(call, result.text)]
+            messages.append({"role": "assistant", "content": turn.answer})
+            conversations.append(Conversation(messages, tools))
+    return conversations
+
+
+def build_tool_model(cache_root: Path, files_folder: Path) -> Path:
+    """Train (or reuse) the model that knows every scripted exchange above."""
+    (files_folder / "notes.txt").write_text(FILE_TEXT)
+
+    async def collect() -> list[Conversation]:
+        return [
+            *await _transcripts(calc_servers(), CALC_TURNS),
+            *await _transcripts(time_servers(), TIME_TURNS),
+            *await _transcripts(files_servers(files_folder), files_turns(files_folder)),
+        ]
+
+    conversations = asyncio.run(collect())
+    return cached_trained_model(cache_root, conversations, seed=0)

@@ -68,9 +68,9 @@ def parse_output(tokenizer: Any, text: str, tools: Sequence[dict[str, Any]] | No
             pieces.append(rest)
             break
         pieces.append(rest[:at])
-        rest = rest[at + len(start):]
+        rest = rest[at + len(start) :]
         stop = rest.find(end) if end else -1
-        body, rest = (rest, "") if stop < 0 else (rest[:stop], rest[stop + len(end):])
+        body, rest = (rest, "") if stop < 0 else (rest[:stop], rest[stop + len(end) :])
         try:
             parsed = tokenizer.tool_parser(body, list(tools or []))
         except Exception:  # noqa: BLE001 - any parser failure means "not a usable call"

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 from supervisor.protocol import GenerationStats
 
@@ -91,8 +91,9 @@ class ToolLoop:
             for body in parsed.malformed:
                 log.warning("model emitted a tool call that does not parse: %.200s", body)
             if not parsed.calls or tools is None or self.host is None:
-                stats = GenerationStats(prompt_tokens, completion_tokens, calls_made, rounds + 1,
-                                        time.monotonic() - started)
+                stats = GenerationStats(
+                    prompt_tokens, completion_tokens, calls_made, rounds + 1, time.monotonic() - started
+                )
                 return Answer(parsed.content, stats)
             rounds += 1
             messages.append(assistant_message(parsed.content, parsed.calls))

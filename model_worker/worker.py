@@ -68,8 +68,9 @@ class Worker:
         async with self._tool_host() as host:
             engine = Engine(
                 self.config.model_name,
-                SamplingSettings(self.config.temperature, self.config.top_p, self.config.min_p,
-                                 self.config.min_tokens_to_keep),
+                SamplingSettings(
+                    self.config.temperature, self.config.top_p, self.config.min_p, self.config.min_tokens_to_keep
+                ),
                 self.config.max_batch_size,
             )
             log.info("loading model %s", self.config.model_name)
@@ -137,9 +138,7 @@ class Worker:
             return
         except Exception as exc:
             log.exception("generation failed")
-            await self.http.send(
-                Failure(request.request_id, FailureCategory.INTERNAL, f"generation failed: {exc}")
-            )
+            await self.http.send(Failure(request.request_id, FailureCategory.INTERNAL, f"generation failed: {exc}"))
             return
         await self.http.send(Reply(request.request_id, answer.text, answer.stats))
 
@@ -150,4 +149,3 @@ class Worker:
             await asyncio.wait(list(self.tasks.values()), timeout=max(0.0, deadline - time.monotonic()))
         for task in list(self.tasks.values()):
             task.cancel()
-

@@ -15,7 +15,6 @@ import logging
 import multiprocessing
 import os
 import signal
-import socket
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
@@ -144,8 +143,7 @@ class Arbiter:
         except OSError as exc:
             raise Fatal(
                 ExitCode.PORT,
-                f"cannot listen on {self.config.listening_host}:{self.config.listening_port}: "
-                f"{exc.strerror or exc}",
+                f"cannot listen on {self.config.listening_host}:{self.config.listening_port}: {exc.strerror or exc}",
             ) from None
 
     def start_children(self) -> bool:
@@ -154,8 +152,13 @@ class Arbiter:
         ready = self.await_message(self.worker, Ready)
         if ready is None:
             return False
-        log.info("model worker ready (pid %s): model %s, context window %s, %d tool(s)",
-                 self.worker.pid, ready.model_name, ready.context_window, ready.tools)
+        log.info(
+            "model worker ready (pid %s): model %s, context window %s, %d tool(s)",
+            self.worker.pid,
+            ready.model_name,
+            ready.context_window,
+            ready.tools,
+        )
         self.spawn_http()
         listening = self.await_message(self.http, Listening)
         if listening is None:
@@ -214,8 +217,9 @@ class Arbiter:
             if child.process.sentinel in ready or not child.control_open:
                 child.process.join(5)
                 code = ExitCode.WORKER_DIED if child.role == "model-worker" else ExitCode.HTTP_DIED
-                raise Fatal(code, f"{child.role} (pid {child.pid}) exited during start-up "
-                                  f"with code {child.process.exitcode}")
+                raise Fatal(
+                    code, f"{child.role} (pid {child.pid}) exited during start-up with code {child.process.exitcode}"
+                )
 
     def watch(self) -> int:
         """Serve until a signal; restart the worker (and HTTP with it) if it dies."""
@@ -229,12 +233,16 @@ class Arbiter:
                     self._drain_control(child)
             if self.worker.process.sentinel in ready:
                 self.worker.process.join()
-                self.recover(f"model worker (pid {self.worker.pid}) died with exit code "
-                             f"{self.worker.process.exitcode}", ExitCode.WORKER_DIED)
+                self.recover(
+                    f"model worker (pid {self.worker.pid}) died with exit code {self.worker.process.exitcode}",
+                    ExitCode.WORKER_DIED,
+                )
             elif self.http.process.sentinel in ready:
                 self.http.process.join()
-                self.recover(f"http process (pid {self.http.pid}) died with exit code "
-                             f"{self.http.process.exitcode}", ExitCode.HTTP_DIED)
+                self.recover(
+                    f"http process (pid {self.http.pid}) died with exit code {self.http.process.exitcode}",
+                    ExitCode.HTTP_DIED,
+                )
 
     def _drain_control(self, child: Child) -> None:
         message = child.receive()
@@ -304,4 +312,3 @@ class Arbiter:
         process.join()
         log.info("%s (pid %s) exited with code %s", child.role, child.pid, process.exitcode)
         child.control.close()
-

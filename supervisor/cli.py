@@ -24,8 +24,9 @@ log = logging.getLogger("llm_server.supervisor")
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llm-server", description="Serve one local MLX model over HTTP.")
-    parser.add_argument("--config", type=Path, default=Path("config.json"),
-                        help="path to the config file (default: ./config.json)")
+    parser.add_argument(
+        "--config", type=Path, default=Path("config.json"), help="path to the config file (default: ./config.json)"
+    )
     args = parser.parse_args(argv)
     setproctitle("llm-server: supervisor")
     multiprocessing.current_process().name = "supervisor"
@@ -56,8 +57,12 @@ def _run(raw: dict, config_path: Path, log_filename: Path, hub: LogHub) -> int:
         print(f"llm-server: {exc}", file=sys.stderr)
         return ExitCode.CONFIG
     logging.getLogger().setLevel(hub.level_for(config.log_level))
-    log.info("llm-server starting: config %s, model %s, %d MCP server(s)",
-             config_path, config.model_name, len(config.servers))
+    log.info(
+        "llm-server starting: config %s, model %s, %d MCP server(s)",
+        config_path,
+        config.model_name,
+        len(config.servers),
+    )
     try:
         code = Arbiter(config, hub).run()
     except Exception:

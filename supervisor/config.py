@@ -153,8 +153,7 @@ class _Lookup:
         value = self._dotenv.get(name)
         if value is None:
             raise ConfigError(
-                f"'{where}' uses ${{{name}}}, which is set neither in the environment "
-                f"nor in {self._dotenv_path}"
+                f"'{where}' uses ${{{name}}}, which is set neither in the environment nor in {self._dotenv_path}"
             )
         return value
 

@@ -74,8 +74,9 @@ def run_http(
         verbosity=0,
     )
     left = len(gateway.pending)
-    log.info("http stopped: %d request(s) answered while draining, %d left unanswered",
-             gateway.answered_while_draining, left)
+    log.info(
+        "http stopped: %d request(s) answered while draining, %d left unanswered", gateway.answered_while_draining, left
+    )
     control_conn.send(Stopped(f"answered {gateway.answered_while_draining} while draining"))
 
 
@@ -220,13 +221,17 @@ def build_app(config: Config, gateway: Gateway) -> Sanic:
     return app
 
 
-def _answer(
-    request_id: str, status: int, body: dict[str, str], started: float, detail: str = ""
-) -> HTTPResponse:
+def _answer(request_id: str, status: int, body: dict[str, str], started: float, detail: str = "") -> HTTPResponse:
     latency_ms = (time.monotonic() - started) * 1000
     level = logging.ERROR if status >= 500 else logging.INFO
-    log.log(level, "response %d in %.0f ms %s%s", status, latency_ms, detail,
-            "" if status == 200 else f" error={body.get('Error')!r}")
+    log.log(
+        level,
+        "response %d in %.0f ms %s%s",
+        status,
+        latency_ms,
+        detail,
+        "" if status == 200 else f" error={body.get('Error')!r}",
+    )
     return json_response(body, status=status, headers={"X-Request-Id": request_id})
 
 

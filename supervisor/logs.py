@@ -54,9 +54,7 @@ def rotated_name(default_name: str) -> str:
 def make_file_handler(path: Path) -> logging.handlers.TimedRotatingFileHandler:
     """A handler that rolls over at local midnight to ``NAME-YYYYMMDD`` and keeps every file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.handlers.TimedRotatingFileHandler(
-        path, when="midnight", backupCount=0, encoding="utf-8"
-    )
+    handler = logging.handlers.TimedRotatingFileHandler(path, when="midnight", backupCount=0, encoding="utf-8")
     handler.suffix = "%Y%m%d"
     handler.namer = rotated_name
     handler.setFormatter(logging.Formatter(FORMAT))
@@ -70,9 +68,7 @@ class LogHub:
     def __init__(self, path: Path, level: str, queue: Any) -> None:
         self.queue = queue
         self.file_handler = make_file_handler(path)
-        self.listener = logging.handlers.QueueListener(
-            queue, self.file_handler, respect_handler_level=False
-        )
+        self.listener = logging.handlers.QueueListener(queue, self.file_handler, respect_handler_level=False)
         self.level = LEVELS[level]
 
     @staticmethod
@@ -132,4 +128,3 @@ class StreamPump(threading.Thread):
                 line = raw.rstrip(b"\r\n").decode("utf-8", errors="backslashreplace")
                 if line.strip():
                     self._log.log(self.level, "%s: %s", self.source, line)
-

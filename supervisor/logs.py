@@ -70,6 +70,7 @@ class LogHub:
         self.file_handler = make_file_handler(path)
         self.listener = logging.handlers.QueueListener(queue, self.file_handler, respect_handler_level=False)
         self.level = LEVELS[level]
+        self._queue_handler = _queue_handler(queue)
 
     @staticmethod
     def level_for(name: str) -> int:
@@ -78,12 +79,17 @@ class LogHub:
     def start(self) -> None:
         self.listener.start()
         root = logging.getLogger()
-        root.handlers[:] = [_queue_handler(self.queue)]
+        root.handlers[:] = [self._queue_handler]
         root.setLevel(self.level)
         logging.captureWarnings(True)
 
     def stop(self) -> None:
-        """Flush everything still queued, then close the file."""
+        """Flush everything still queued, then close the file.
+
+        The queue handler leaves the root logger first: a record put on a queue nobody reads
+        any more would fill its pipe, and the queue's feeder thread would then block exit.
+        """
+        logging.getLogger().removeHandler(self._queue_handler)
         self.listener.stop()
         self.file_handler.close()
 

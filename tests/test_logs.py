@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import multiprocessing
 import os
 import time
@@ -58,6 +59,8 @@ def test_child_output_at_fd_level_reaches_the_log(tmp_path: Path) -> None:
     pump.join(10)
     time.sleep(0.2)
     hub.stop()
+    # Stopped, the hub no longer feeds records to a queue nobody reads (that hung exit once).
+    assert not any(isinstance(h, logging.handlers.QueueHandler) for h in logging.getLogger().handlers)
     text = (tmp_path / "d.log").read_text()
     assert process.exitcode == 7
     assert "INFO kid[" in text and "a record through the queue" in text

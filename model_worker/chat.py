@@ -82,7 +82,10 @@ def parse_output(tokenizer: Any, text: str, tools: Sequence[dict[str, Any]] | No
                 malformed.append(body.strip())
             else:
                 calls.append(call)
-    return ParsedOutput("".join(pieces).strip(), calls, malformed)
+    content = "".join(pieces)
+    if end:  # a stray end marker (no start before it) is markup too
+        content = content.replace(end, "")
+    return ParsedOutput(content.strip(), calls, malformed)
 
 
 def _as_call(item: Any) -> ToolCall | None:
@@ -124,6 +127,11 @@ def assistant_message(content: str, calls: Sequence[ToolCall]) -> Message:
     return message
 
 
-def tool_message(call: ToolCall, content: str) -> Message:
-    """A tool result, answered to the call with the same id."""
-    return {"role": "tool", "tool_call_id": call.id, "name": call.name, "content": content}
+def tool_message(call: ToolCall, content: str, is_error: bool = False) -> Message:
+    """A tool result, answered to the call with the same id.
+
+    Chat templates render only a tool message's text, so an error (the tool's own, a timeout,
+    a dead server) says so in the text: the model must not take it for the tool's answer.
+    """
+    text = f"Error: {content}" if is_error else content
+    return {"role": "tool", "tool_call_id": call.id, "name": call.name, "content": text}

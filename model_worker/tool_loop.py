@@ -99,7 +99,8 @@ class ToolLoop:
             messages.append(assistant_message(parsed.content, parsed.calls))
             for call in parsed.calls:
                 calls_made += 1
-                messages.append(tool_message(call, await self._call(call)))
+                result = await self._call(call)
+                messages.append(tool_message(call, result.text, result.is_error))
 
     def _budget(self, prompt_len: int, first: bool) -> int:
         window = self.engine.context_window
@@ -125,8 +126,7 @@ class ToolLoop:
             self.engine.cancel(future)
             raise
 
-    async def _call(self, call: ToolCall) -> str:
+    async def _call(self, call: ToolCall) -> ToolResultLike:
         """One tool call; the host logs it and turns every failure into readable text."""
         assert self.host is not None
-        result = await self.host.call_tool(call.name, call.arguments)
-        return result.text
+        return await self.host.call_tool(call.name, call.arguments)

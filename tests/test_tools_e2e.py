@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
-
 from daemon import Daemon, base_config, cmdline, free_port
 from tool_model import (
     CALC_SERVER,
@@ -84,7 +83,8 @@ def test_slow_tool_times_out_and_the_request_is_still_answered(calc_daemon: Daem
 
 def test_round_limit_stops_tool_calls(calc_daemon: Daemon) -> None:
     """The model would call echo three times; max_tool_rounds=2 makes it answer after two."""
-    _, request_id = ask_ok(calc_daemon, "Echo hello again and again.")
+    text, request_id = ask_ok(calc_daemon, "Echo hello again and again.")
+    assert text == "I echoed hello twice."  # answered in the prompt rendered without tools
     lines = "\n".join(request_lines(calc_daemon, request_id))
     assert len(re.findall(r"tool call echo server=calc .* outcome=ok", lines)) == MAX_TOOL_ROUNDS
     assert f"tool round limit ({MAX_TOOL_ROUNDS}) reached" in lines
@@ -119,7 +119,8 @@ def test_crash_mid_request_is_survived_and_the_server_comes_back(
     4. the host restarts the server in the background; its tools come back and `add` works.
     """
     daemon = make_daemon(tool_config(tool_model, calc_servers())).start().wait_serving()
-    _, request_id = ask_ok(daemon, "Please crash the calculator.")
+    text, request_id = ask_ok(daemon, "Please crash the calculator.")
+    assert text == "The calculator crashed."
     log = daemon.log_text()
     assert re.search(r"tool call crash server=calc .* outcome=(dead|error)", log)
     assert "mcp[calc] server died" in log and "tools are withdrawn" in log
@@ -143,7 +144,8 @@ def test_tools_stay_withdrawn_while_the_server_cannot_restart(
     ask_ok(daemon, "Please crash the calculator.")
     daemon.wait_log("tools are withdrawn")
     daemon.wait_log("mcp[calc] restart attempt 1")
-    _, request_id = ask_ok(daemon, "What is 2 + 3?")
+    text, request_id = ask_ok(daemon, "What is 2 + 3?")
+    assert text == "I cannot add right now."  # the model was shown no tools
     lines = "\n".join(request_lines(daemon, request_id))
     assert "tool_calls=0" in lines and "tool call add" not in lines
     daemon.wait_log("mcp[calc] failed to start", count=1)

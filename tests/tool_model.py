@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tinymodel import Conversation, cached_trained_model
+
 from model_worker.chat import ToolCall, assistant_message, first_messages, tool_message
 from model_worker.mcp_host import MCPHost
-from tinymodel import Conversation, cached_trained_model
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -56,19 +57,28 @@ def files_servers(folder: Path) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Turn:
-    """One scripted exchange: tool calls in order (name, arguments), then the final answer."""
+    """One scripted exchange: tool calls in order (name, arguments), then the final answer.
+
+    `bare` is for requests in which the tools disappear: after the first `bare[0]` calls the
+    daemon renders the conversation without tools (the round limit, or the server died), and the
+    model is trained to answer `bare[1]` there, as it would in that exact prompt.
+    """
 
     prompt: str
     calls: tuple[tuple[str, dict[str, Any]], ...]
     answer: str
+    bare: tuple[int, str] | None = None
 
 
 CALC_TURNS = (
     Turn("Say hello.", (), "Hello! How can I help you today?"),
     Turn("What is 2 + 3?", (("add", {"a": 2, "b": 3}),), "2 + 3 = 5."),
     Turn("Wait for 5 seconds.", (("slow", {"seconds": 5}),), "The wait did not finish in time."),
-    Turn("Echo hello again and again.", (("echo", {"text": "hello"}),) * 3, "I echoed hello three times."),
-    Turn("Please crash the calculator.", (("crash", {}),), "The calculator crashed."),
+    Turn("Echo hello again and again.", (("echo", {"text": "hello"}),) * 3, "I echoed hello three times.",
+         bare=(MAX_TOOL_ROUNDS, "I echoed hello twice.")),
+    Turn("Please crash the calculator.", (("crash", {}),), "The calculator crashed.",
+         bare=(1, "The calculator crashed.")),
+    Turn("What is 2 + 3?", (), "I cannot add right now.", bare=(0, "I cannot add right now.")),
 )
 TIME_TURNS = (
     Turn(
@@ -101,9 +111,14 @@ async def _transcripts(servers: dict[str, Any], turns: tuple[Turn, ...]) -> list
             for n, (name, arguments) in enumerate(turn.calls):
                 call = ToolCall(name, arguments, id=f"call_{n}")
                 result = await host.call_tool(name, arguments)
-                messages += [assistant_message("", [call]), tool_message(call, result.text)]
-            messages.append({"role": "assistant", "content": turn.answer})
-            conversations.append(Conversation(messages, tools))
+                messages += [assistant_message("", [call]), tool_message(call, result.text, result.is_error)]
+            if turn.bare is not None:  # the same calls, then the answer in the prompt without tools
+                done = 2 * turn.bare[0] + len(first_messages(SYSTEM_PROMPT, turn.prompt))
+                bare = [*messages[:done], {"role": "assistant", "content": turn.bare[1]}]
+                conversations.append(Conversation(bare, None))
+            if turn.calls or turn.bare is None:
+                messages.append({"role": "assistant", "content": turn.answer})
+                conversations.append(Conversation(messages, tools))
     return conversations
 
 

@@ -135,3 +135,11 @@ def tool_message(call: ToolCall, content: str, is_error: bool = False) -> Messag
     """
     text = f"Error: {content}" if is_error else content
     return {"role": "tool", "tool_call_id": call.id, "name": call.name, "content": text}
+
+
+def withdraw_tool_results(messages: list[Message]) -> None:
+    """Replace every tool result by a short error the model can read (they overflowed the window)."""
+    for message in messages:
+        if message.get("role") == "tool":
+            size = len(message["content"])
+            message["content"] = f"Error: the result ({size} characters) does not fit in the model's context window"

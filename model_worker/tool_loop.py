@@ -17,7 +17,15 @@ from typing import Any, Protocol
 
 from supervisor.protocol import GenerationStats
 
-from .chat import ToolCall, assistant_message, first_messages, parse_output, render, tool_message
+from .chat import (
+    ToolCall,
+    assistant_message,
+    first_messages,
+    parse_output,
+    render,
+    tool_message,
+    withdraw_tool_results,
+)
 from .engine import Completion, Engine
 
 log = logging.getLogger("llm_server.worker")
@@ -76,13 +84,27 @@ class ToolLoop:
         messages = first_messages(self.system_prompt, prompt)
         rounds = calls_made = completion_tokens = 0
         prompt_tokens = 0
+        overflowed = False
         while True:
             limit_reached = rounds >= self.max_tool_rounds
-            tools = None if self.host is None or limit_reached else (self.host.tools() or None)
-            if limit_reached and rounds:
+            tools = None if self.host is None or limit_reached or overflowed else (self.host.tools() or None)
+            if limit_reached and rounds and not overflowed:
                 log.info("tool round limit (%d) reached: answering without tools", self.max_tool_rounds)
             ids = await asyncio.to_thread(render, tokenizer, messages, tools)
-            budget = self._budget(len(ids), first=rounds == 0)
+            try:
+                budget = self._budget(len(ids), first=rounds == 0)
+            except ContextExhausted:
+                if overflowed:
+                    raise
+                # Tool results too large for the window: the model is told so and answers without
+                # tools, rather than the request failing for what a tool returned.
+                overflowed = True
+                log.warning(
+                    "tool results do not fit the context window (%s tokens): answering without them",
+                    self.engine.context_window,
+                )
+                withdraw_tool_results(messages)
+                continue
             if rounds == 0:
                 prompt_tokens = len(ids)
             completion = await self._generate(ids, budget)

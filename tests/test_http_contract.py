@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-
 from daemon import Daemon, base_config, free_port, raw_exchange
 
 MB = 1_000_000

@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-
-from daemon import Daemon, HttpResult, base_config, cmdline, descendants, free_port, port_open
+from daemon import Daemon, HttpResult, base_config, cmdline, free_port, port_open
 
 
 def ask_in_background(daemon: Daemon, prompts: list[str]) -> tuple[list[threading.Thread], dict[int, object]]:

@@ -28,7 +28,7 @@ if str(REPO) not in sys.path:
 from model_worker.mcp_host import MCPHost, ToolResult, exposed_name  # noqa: E402
 
 CALC = str(REPO / "tests" / "servers" / "calc_server.py")
-CALC_TOOLS = ["add", "echo", "slow", "crash", "fail"]
+CALC_TOOLS = ["add", "echo", "slow", "big", "crash", "fail"]
 FS_PACKAGE = "@modelcontextprotocol/server-filesystem@2026.8.31"
 FS_SERVER = REPO / ".test-deps" / "npm" / "node_modules" / ".bin" / "mcp-server-filesystem"
 LOGGER = "llm_server.mcp"
@@ -182,7 +182,7 @@ def test_crash_withdraws_tools_and_restarts(caplog: pytest.LogCaptureFixture) ->
     assert logged(caplog, r"^mcp\[calc\] server died: .*connection closed", logging.ERROR)
     assert logged(caplog, r"^tool call crash server=calc .* outcome=dead$")
     assert logged(caplog, r"^mcp\[calc\] restart attempt 1 in 0\.5s$", logging.WARNING)
-    assert logged(caplog, r"^mcp\[calc\] up after 1 restart attempt\(s\): 5 tools", logging.INFO)
+    assert logged(caplog, r"^mcp\[calc\] up after 1 restart attempt\(s\): 6 tools", logging.INFO)
 
 
 def test_bad_servers_are_skipped(caplog: pytest.LogCaptureFixture) -> None:

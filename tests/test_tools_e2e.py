@@ -91,6 +91,15 @@ def test_round_limit_stops_tool_calls(calc_daemon: Daemon) -> None:
     assert f"tool_calls={MAX_TOOL_ROUNDS}" in lines
 
 
+def test_tool_result_too_large_for_the_context_is_withdrawn(calc_daemon: Daemon) -> None:
+    """`big` returns more than the context window holds: the model is told, answers without tools."""
+    text, request_id = ask_ok(calc_daemon, "Read me the big report.")
+    assert text == "The report is too large for me to read."
+    lines = "\n".join(request_lines(calc_daemon, request_id))
+    assert re.search(r"tool call big server=calc .* outcome=ok", lines)
+    assert "tool results do not fit the context window (16384 tokens)" in lines
+
+
 def test_concurrent_tool_requests(calc_daemon: Daemon) -> None:
     import threading
 

@@ -11,6 +11,7 @@ results from ``MCPHost.call_tool`` — the very code the daemon runs — and ren
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 import sys
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from typing import Any
 
 from tinymodel import Conversation, cached_trained_model
 
-from model_worker.chat import ToolCall, assistant_message, first_messages, tool_message
+from model_worker.chat import ToolCall, assistant_message, first_messages, tool_message, withdraw_tool_results
 from model_worker.mcp_host import MCPHost
 
 TESTS = Path(__file__).resolve().parent
@@ -29,6 +30,8 @@ SYSTEM_PROMPT = "You are a helpful assistant."
 TOOL_TIMEOUT_S = 1.0
 MAX_TOOL_ROUNDS = 2
 FILE_TEXT = "The launch code is 4242.\n"
+# More than the tiny model's 16384-token context window holds, in any tokenization.
+BIG_REPORT_CHARS = 200_000
 
 
 def filesystem_server_binary() -> str:
@@ -68,6 +71,7 @@ class Turn:
     calls: tuple[tuple[str, dict[str, Any]], ...]
     answer: str
     bare: tuple[int, str] | None = None
+    overflow: bool = False  # the results overflow the context window (see ToolLoop)
 
 
 CALC_TURNS = (
@@ -79,6 +83,8 @@ CALC_TURNS = (
     Turn("Please crash the calculator.", (("crash", {}),), "The calculator crashed.",
          bare=(1, "The calculator crashed.")),
     Turn("What is 2 + 3?", (), "I cannot add right now.", bare=(0, "I cannot add right now.")),
+    Turn("Read me the big report.", (("big", {"size": BIG_REPORT_CHARS}),), "The report is too large for me to read.",
+         overflow=True),
 )
 TIME_TURNS = (
     Turn(
@@ -112,6 +118,15 @@ async def _transcripts(servers: dict[str, Any], turns: tuple[Turn, ...]) -> list
                 call = ToolCall(name, arguments, id=f"call_{n}")
                 result = await host.call_tool(name, arguments)
                 messages += [assistant_message("", [call]), tool_message(call, result.text, result.is_error)]
+            if turn.overflow:
+                # The daemon withdraws results that overflow the window and drops the tools: train
+                # the call in the prompt with tools, and the answer in the prompt it then renders.
+                start = len(first_messages(SYSTEM_PROMPT, turn.prompt))
+                conversations.append(Conversation(messages[: start + 1], tools))
+                withdrawn = copy.deepcopy(messages)
+                withdraw_tool_results(withdrawn)
+                conversations.append(Conversation([*withdrawn, {"role": "assistant", "content": turn.answer}], None))
+                continue
             if turn.bare is not None:  # the same calls, then the answer in the prompt without tools
                 done = 2 * turn.bare[0] + len(first_messages(SYSTEM_PROMPT, turn.prompt))
                 bare = [*messages[:done], {"role": "assistant", "content": turn.bare[1]}]

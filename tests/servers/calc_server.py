@@ -42,6 +42,12 @@ def build_server(name: str) -> MCPServer:
         return "done"
 
     @server.tool()
+    def big(size: int) -> str:
+        """Return a report of about `size` characters (too large for a small context window)."""
+        line = "Row {:06d}: quarterly figures, all values nominal.\n"
+        return "".join(line.format(n) for n in range(size // len(line.format(0)) + 1))[:size]
+
+    @server.tool()
     def crash() -> str:
         """Kill the server process at once, as a crash would."""
         os._exit(1)

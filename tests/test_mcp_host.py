@@ -155,6 +155,22 @@ def test_stdio_calc_server(caplog: pytest.LogCaptureFixture) -> None:
     assert logged(caplog, r"^mcp\[calc\] calc server calc starting \(pid \d+, stdio\)$", logging.WARNING)
 
 
+def test_tool_list_changes_are_followed(caplog: pytest.LogCaptureFixture) -> None:
+    """A server that adds a tool and sends tools/list_changed: the host lists again, and the new
+    tool can be called."""
+
+    async def scenario() -> None:
+        grows = {"command": sys.executable, "args": [CALC, "--grow"]}
+        async with MCPHost({"calc": grows}, startup_timeout_s=STARTUP_S) as host:
+            assert "mul" not in names(host)
+            assert (await host.call_tool("grow", {})).text == "mul added"
+            await wait_until(lambda: "mul" in names(host), 15, "the new tool to be listed")
+            assert (await host.call_tool("mul", {"a": 6, "b": 7})).text == "42"
+
+    run(scenario())
+    assert logged(caplog, r"^mcp\[calc\] tool list changed: 8 tools$", logging.INFO)
+
+
 def test_crash_withdraws_tools_and_restarts(caplog: pytest.LogCaptureFixture) -> None:
     """A crashed server is reported, its tools leave at once, and it comes back.
 

@@ -66,6 +66,8 @@ def test_model_calls_add_and_the_sum_is_in_the_response(calc_daemon: Daemon) -> 
     assert 'tool call add arguments: {"a": 2, "b": 3}' in lines  # trace level
     assert "tool call add result: 5" in lines
     assert "tool_calls=1" in lines
+    # The server's own stderr reaches the one log file, named by server.
+    assert re.search(r"WARNING .*mcp\[calc\] calc server calc starting \(pid \d+, stdio\)", calc_daemon.log_text())
 
 
 def test_plain_question_needs_no_tool(calc_daemon: Daemon) -> None:

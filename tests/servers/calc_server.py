@@ -17,6 +17,7 @@ from typing import Any
 
 import anyio
 from mcp.server import MCPServer, ServerRequestContext
+from mcp.server.mcpserver import Context
 from mcp.server.context import CallNext, HandlerResult
 from mcp.server.mcpserver.exceptions import ToolError
 
@@ -78,6 +79,21 @@ def paginate_tools(server: MCPServer, page_size: int) -> None:
     server.middleware.append(middleware)
 
 
+def add_grow_tool(server: MCPServer) -> None:
+    """A `grow` tool that adds `mul` at run time and tells the client (tools/list_changed)."""
+
+    def mul(a: int, b: int) -> int:
+        """Multiply two integers."""
+        return a * b
+
+    @server.tool()
+    async def grow(ctx: Context) -> str:
+        """Add the `mul` tool to this server."""
+        server.add_tool(mul)
+        await ctx.session.send_tool_list_changed()
+        return "mul added"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--transport", choices=("stdio", "sse", "streamable-http"), default="stdio")
@@ -85,6 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--name", default="calc")
     parser.add_argument("--page-size", type=int, default=0, help="list tools in pages of this size")
+    parser.add_argument("--grow", action="store_true", help="offer `grow`, which adds a tool at run time")
     return parser.parse_args(argv)
 
 
@@ -93,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     server = build_server(args.name)
     if args.page_size > 0:
         paginate_tools(server, args.page_size)
+    if args.grow:
+        add_grow_tool(server)
     print(f"calc server {args.name} starting (pid {os.getpid()}, {args.transport})", file=sys.stderr, flush=True)
     if args.transport == "stdio":
         server.run()

@@ -17,8 +17,8 @@ from typing import Any
 
 import anyio
 from mcp.server import MCPServer, ServerRequestContext
-from mcp.server.mcpserver import Context
 from mcp.server.context import CallNext, HandlerResult
+from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
 
 

@@ -112,7 +112,7 @@ def parse_spec(raw: Mapping[str, Any]) -> ServerSpec:
     if kind in ("sse", "http", "streamable-http"):
         url, headers = raw.get("url"), raw.get("headers", {})
         if not isinstance(url, str) or not re.match(r"https?://[^/\s]+", url):
-            raise ConfigError(f"'url' must be an http:// or https:// URL, got {url!r}")
+            raise ConfigError("'url' must be an http:// or https:// URL")  # the value may hold a secret
         if not isinstance(headers, Mapping) or not all(isinstance(v, str) for v in headers.values()):
             raise ConfigError("'headers' must map names to strings")
         return ServerSpec("sse" if kind == "sse" else "http", url=url, headers=dict(headers))

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,3 +248,37 @@ def cmdline(pid: int) -> str:
             return f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
     except OSError:
         return ""
+
+
+def ask_in_background(daemon: Daemon, prompts: list[str]) -> tuple[list[threading.Thread], dict[int, object]]:
+    """Send each prompt from its own thread; results[i] is the HttpResult or the exception."""
+    results: dict[int, object] = {}
+
+    def client(i: int, prompt: str) -> None:
+        try:
+            results[i] = daemon.ask(prompt, timeout=180)
+        except Exception as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=client, args=(i, p)) for i, p in enumerate(prompts)]
+    for t in threads:
+        t.start()
+    return threads, results
+
+
+def assert_gone(pids: list[int], grace_s: float = 5.0) -> None:
+    """Every pid has exited (multiprocessing's resource tracker needs a moment after EOF)."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        alive = [p for p in pids if Path(f"/proc/{p}").exists() and not _zombie(p)]
+        if not alive or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert not alive, f"processes left behind: {[(p, cmdline(p)) for p in alive]}"
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except OSError:
+        return False

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
-from daemon import Daemon, base_config, cmdline, free_port
+from daemon import Daemon, HttpResult, ask_in_background, assert_gone, base_config, cmdline, free_port
 from tool_model import (
     CALC_SERVER,
     MAX_TOOL_ROUNDS,
@@ -103,21 +103,34 @@ def test_tool_result_too_large_for_the_context_is_withdrawn(calc_daemon: Daemon)
 
 
 def test_concurrent_tool_requests(calc_daemon: Daemon) -> None:
-    import threading
-
-    answers: list[str] = []
-
-    def client() -> None:
-        answers.append(calc_daemon.ask("What is 2 + 3?").json()["response"])
-
-    threads = [threading.Thread(target=client) for _ in range(6)] + [
-        threading.Thread(target=lambda: answers.append(calc_daemon.ask("Wait for 5 seconds.").json()["response"]))
-    ]
-    for t in threads:
-        t.start()
+    prompts = ["What is 2 + 3?"] * 6 + ["Wait for 5 seconds."]
+    threads, results = ask_in_background(calc_daemon, prompts)
     for t in threads:
         t.join(120)
-    assert sorted(answers) == ["2 + 3 = 5."] * 6 + ["The wait did not finish in time."]
+    answers = sorted(results[i].json()["response"] for i in range(len(prompts)))  # type: ignore[attr-defined]
+    assert answers == ["2 + 3 = 5."] * 6 + ["The wait did not finish in time."]
+
+
+def test_sigterm_waits_for_the_tool_call_in_flight(make_daemon: Callable[..., Daemon], tool_model: Path) -> None:
+    """Scenario:
+    1. a request makes the model call `slow` (the 1 s tool timeout ends it);
+    2. SIGTERM as soon as the request has arrived, while its tool call runs;
+    3. the request is still answered 200 with the model's answer, and the daemon exits 0;
+    4. the tool call finished before the MCP servers were stopped, and no server is left.
+    """
+    daemon = make_daemon(tool_config(tool_model, calc_servers())).start().wait_serving()
+    everything = daemon.descendants()
+    threads, results = ask_in_background(daemon, ["Wait for 5 seconds."])
+    daemon.wait_log("request from")
+    daemon.signal(signal.SIGTERM)
+    threads[0].join(60)
+    assert daemon.wait_exit(60) == 0
+    result = results[0]
+    assert isinstance(result, HttpResult) and result.status == 200, result
+    assert result.json()["response"] == "The wait did not finish in time."
+    log = daemon.log_text()
+    assert log.index("tool call slow server=calc") < log.index("stopping MCP servers") < log.index("MCP servers stopped")
+    assert_gone(everything)
 
 
 def test_crash_mid_request_is_survived_and_the_server_comes_back(
@@ -226,9 +239,5 @@ def test_no_mcp_process_left_after_sigterm(
     assert len(mcp) >= 3, [cmdline(p) for p in everything]
     daemon.signal(signal.SIGTERM)
     assert daemon.wait_exit(60) == 0
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in everything):
-        time.sleep(0.1)
-    left = [(p, cmdline(p)) for p in everything if Path(f"/proc/{p}").exists() and cmdline(p)]
-    assert not left, left
+    assert_gone(everything, grace_s=10)
     assert "MCP servers stopped" in daemon.log_text()

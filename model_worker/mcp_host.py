@@ -177,7 +177,11 @@ class MCPHost:
         if session is None:
             text = f"MCP server {runner.name!r} is not running (last error: {runner.last_error or 'none'})"
             return self._finish(name, runner.name, tool, started, "dead", text, arguments)
-        outcome, text = await self._invoke(runner, session, tool, dict(arguments or {}))
+        try:
+            outcome, text = await self._invoke(runner, session, tool, dict(arguments or {}))
+        except asyncio.CancelledError:  # the request was cancelled (its client went away)
+            self._finish(name, runner.name, tool, started, "cancelled", "the request was cancelled", arguments)
+            raise
         return self._finish(name, runner.name, tool, started, outcome, text, arguments)
 
     async def _invoke(

@@ -282,3 +282,15 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] == b"Z"
     except OSError:
         return False
+
+
+def post_and_hang_up(daemon: Daemon, prompt: str, linger_s: float = 0.0) -> None:
+    """POST a prompt, wait until the daemon has logged the request (and `linger_s` more), then
+    close the connection without reading the answer, as an impatient client does."""
+    body = json.dumps({"prompt": prompt}).encode()
+    head = f"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    before = daemon.log_text().count("request from")
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=30) as sock:
+        sock.sendall(head.encode() + body)
+        daemon.wait_log("request from", count=before + 1)
+        time.sleep(linger_s)

@@ -11,7 +11,17 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-from daemon import Daemon, HttpResult, ask_in_background, assert_gone, base_config, cmdline, free_port, port_open
+from daemon import (
+    Daemon,
+    HttpResult,
+    ask_in_background,
+    assert_gone,
+    base_config,
+    cmdline,
+    free_port,
+    port_open,
+    post_and_hang_up,
+)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -62,6 +72,20 @@ def test_signal_drains_in_flight_requests_then_exits_0(
     assert "exiting with code 0" in log
     assert log.count("completion_tokens=1500") == 4  # every answer ran to the end
     assert_gone(children)
+
+
+def test_client_that_hangs_up_cancels_its_generation(make_daemon: Callable[..., Daemon]) -> None:
+    """Scenario:
+    1. start the daemon with long generations (max_tokens 3000);
+    2. a client posts a prompt and hangs up once the daemon has logged the request;
+    3. the HTTP process tells the worker, which drops the generation from the batch;
+    4. the daemon goes on serving.
+    """
+    daemon = make_daemon(max_tokens=3000).start().wait_serving()
+    post_and_hang_up(daemon, "tell me a very long story")
+    daemon.wait_log("client went away: cancelling")
+    daemon.wait_log("generation cancelled after")
+    assert daemon.post_json({"prompt": "hi"}).status == 200
 
 
 def test_process_titles_are_visible_in_ps(make_daemon: Callable[..., Daemon]) -> None:

@@ -17,7 +17,16 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
-from daemon import Daemon, HttpResult, ask_in_background, assert_gone, base_config, cmdline, free_port
+from daemon import (
+    Daemon,
+    HttpResult,
+    ask_in_background,
+    assert_gone,
+    base_config,
+    cmdline,
+    free_port,
+    post_and_hang_up,
+)
 from tool_model import (
     CALC_SERVER,
     MAX_TOOL_ROUNDS,
@@ -30,10 +39,8 @@ from tool_model import (
 
 
 def tool_config(model: Path, servers: dict, **overrides: object) -> dict:
-    return base_config(
-        model, free_port(), servers=servers, system_prompt=SYSTEM_PROMPT, max_tokens=200,
-        tool_timeout_s=TOOL_TIMEOUT_S, max_tool_rounds=MAX_TOOL_ROUNDS, **overrides,
-    )
+    settings: dict = {"tool_timeout_s": TOOL_TIMEOUT_S, "max_tool_rounds": MAX_TOOL_ROUNDS, **overrides}
+    return base_config(model, free_port(), servers=servers, system_prompt=SYSTEM_PROMPT, max_tokens=200, **settings)
 
 
 def request_lines(daemon: Daemon, request_id: str) -> list[str]:
@@ -131,6 +138,22 @@ def test_sigterm_waits_for_the_tool_call_in_flight(make_daemon: Callable[..., Da
     log = daemon.log_text()
     assert log.index("tool call slow server=calc") < log.index("stopping MCP servers") < log.index("MCP servers stopped")
     assert_gone(everything)
+
+
+def test_client_that_hangs_up_cancels_the_tool_call(make_daemon: Callable[..., Daemon], tool_model: Path) -> None:
+    """Scenario:
+    1. with a 30 s tool timeout, a request makes the model call `slow` for 5 s;
+    2. its client hangs up while the call runs;
+    3. the call is cancelled and logged as such; the server stays up and serves the next request.
+    """
+    daemon = make_daemon(tool_config(tool_model, calc_servers(), tool_timeout_s=30)).start().wait_serving()
+    post_and_hang_up(daemon, "Wait for 5 seconds.", linger_s=1.5)
+    daemon.wait_log("client went away: cancelling")
+    daemon.wait_log("outcome=cancelled")
+    assert re.search(r"tool call slow server=calc duration=\d+ms outcome=cancelled", daemon.log_text())
+    text, _ = ask_ok(daemon, "What is 2 + 3?")
+    assert text == "2 + 3 = 5."
+    assert "server died" not in daemon.log_text()
 
 
 def test_crash_mid_request_is_survived_and_the_server_comes_back(

@@ -310,5 +310,6 @@ class Arbiter:
                     if isinstance(message, Stopped):
                         log.info("%s (pid %s) stopped: %s", child.role, child.pid, message.detail)
         process.join()
+        self.hub.flush()  # the child's last records first, then ours
         log.info("%s (pid %s) exited with code %s", child.role, child.pid, process.exitcode)
         child.control.close()

@@ -63,14 +63,20 @@ def make_file_handler(path: Path) -> logging.handlers.TimedRotatingFileHandler:
 
 
 class LogHub:
-    """The supervisor's side: the queue children write to and the listener that writes the file."""
+    """The supervisor's side: the queue children write to and the listener that writes the file.
+
+    The supervisor's own records go straight to the file handler (its lock orders them with the
+    listener's writes), so a line it logs before telling a child to act is in the file before
+    anything the child logs in answer. The other direction is ``flush``: once a child has
+    exited, its records are in the queue's pipe, and ``flush`` waits until the listener has
+    written them, so "http stopped" comes before the supervisor's next step.
+    """
 
     def __init__(self, path: Path, level: str, queue: Any) -> None:
         self.queue = queue
         self.file_handler = make_file_handler(path)
-        self.listener = logging.handlers.QueueListener(queue, self.file_handler, respect_handler_level=False)
+        self.listener = _FlushingListener(queue, self.file_handler)
         self.level = LEVELS[level]
-        self._queue_handler = _queue_handler(queue)
 
     @staticmethod
     def level_for(name: str) -> int:
@@ -79,19 +85,51 @@ class LogHub:
     def start(self) -> None:
         self.listener.start()
         root = logging.getLogger()
-        root.handlers[:] = [self._queue_handler]
+        root.handlers[:] = [self.file_handler]
         root.setLevel(self.level)
         logging.captureWarnings(True)
 
-    def stop(self) -> None:
-        """Flush everything still queued, then close the file.
+    def flush(self, timeout: float = 2.0) -> bool:
+        """Wait until every record already in the queue's pipe is in the file."""
+        return self.listener.flush(timeout)
 
-        The queue handler leaves the root logger first: a record put on a queue nobody reads
-        any more would fill its pipe, and the queue's feeder thread would then block exit.
-        """
-        logging.getLogger().removeHandler(self._queue_handler)
+    def stop(self) -> None:
+        """Flush everything still queued, then close the file."""
+        logging.getLogger().removeHandler(self.file_handler)
         self.listener.stop()
         self.file_handler.close()
+
+
+class _FlushingListener(logging.handlers.QueueListener):
+    """A ``QueueListener`` that also answers flush markers sent through the queue itself."""
+
+    def __init__(self, queue: Any, handler: logging.Handler) -> None:
+        super().__init__(queue, handler, respect_handler_level=False)
+        self._markers: dict[int, threading.Event] = {}
+        self._next_marker = 0
+        self._lock = threading.Lock()
+
+    def flush(self, timeout: float) -> bool:
+        with self._lock:
+            self._next_marker += 1
+            marker = self._next_marker
+            done = self._markers[marker] = threading.Event()
+        try:
+            self.queue.put_nowait(logging.makeLogRecord({"flush_marker": marker}))
+            return done.wait(timeout)
+        finally:
+            with self._lock:
+                self._markers.pop(marker, None)
+
+    def handle(self, record: logging.LogRecord) -> None:
+        marker = getattr(record, "flush_marker", None)
+        if marker is None:
+            super().handle(record)
+            return
+        with self._lock:
+            done = self._markers.get(marker)
+        if done is not None:
+            done.set()
 
 
 def _queue_handler(queue: Any) -> logging.Handler:

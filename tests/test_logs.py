@@ -66,3 +66,29 @@ def test_child_output_at_fd_level_reaches_the_log(tmp_path: Path) -> None:
     assert "INFO kid[" in text and "a record through the queue" in text
     for line in ("kid[1]: native stderr line one", "kid[1]: line two", "kid[1]: stdout too"):
         assert line in text
+
+
+def _chatty_child(queue: object) -> None:
+    setup_child_logging(queue, "info", None)
+    for n in range(300):
+        logging.getLogger("child").info("child record %d", n)
+
+
+def test_log_order_follows_cause_and_effect_across_processes(tmp_path: Path) -> None:
+    """The supervisor's line written before it starts a child precedes the child's lines, and
+    after the child exits and ``flush`` returns, all of them precede the supervisor's next line."""
+    ctx = multiprocessing.get_context("spawn")
+    hub = LogHub(tmp_path / "o.log", "info", ctx.Queue())
+    hub.start()
+    try:
+        logging.getLogger("supervisor").info("supervisor before")
+        process = ctx.Process(target=_chatty_child, args=(hub.queue,))
+        process.start()
+        process.join(30)
+        assert hub.flush()
+        logging.getLogger("supervisor").info("supervisor after")
+    finally:
+        hub.stop()
+    lines = (tmp_path / "o.log").read_text().splitlines()
+    assert "supervisor before" in lines[0] and "supervisor after" in lines[-1]
+    assert [line.rsplit(" ", 1)[1] for line in lines[1:-1]] == [str(n) for n in range(300)]

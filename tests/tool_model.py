@@ -106,34 +106,49 @@ def files_turns(folder: Path) -> tuple[Turn, ...]:
 
 async def _transcripts(servers: dict[str, Any], turns: tuple[Turn, ...]) -> list[Conversation]:
     """Run each turn's calls against the live servers and record the whole conversation."""
+    conversations: list[Conversation] = []
+    host: MCPHost | None = None
+    try:
+        for turn in turns:
+            # A fresh host once a server is gone ('crash' kills its own): each transcript needs
+            # the tool list as the daemon shows it at the start of a request.
+            if host is None or any(status.state != "up" for status in host.status().values()):
+                if host is not None:
+                    await host.aclose()
+                host = MCPHost(servers, tool_timeout_s=TOOL_TIMEOUT_S, restart=False)
+                await host.start()
+            conversations += await _record(host, turn)
+    finally:
+        if host is not None:
+            await host.aclose()
+    return conversations
+
+
+async def _record(host: MCPHost, turn: Turn) -> list[Conversation]:
+    """One turn's conversation(s), with the calls made for real."""
+    tools = host.tools()
+    assert tools, f"no tools: {host.status()}"
+    messages = first_messages(SYSTEM_PROMPT, turn.prompt)
+    for n, (name, arguments) in enumerate(turn.calls):
+        call = ToolCall(name, arguments, id=f"call_{n}")
+        result = await host.call_tool(name, arguments)
+        messages += [assistant_message("", [call]), tool_message(call, result.text, result.is_error)]
+    if turn.overflow:
+        # The daemon withdraws results that overflow the window and drops the tools: train the
+        # call in the prompt with tools, and the answer in the prompt it then renders.
+        start = len(first_messages(SYSTEM_PROMPT, turn.prompt))
+        withdrawn = copy.deepcopy(messages)
+        withdraw_tool_results(withdrawn)
+        return [
+            Conversation(messages[: start + 1], tools),
+            Conversation([*withdrawn, {"role": "assistant", "content": turn.answer}], None),
+        ]
     conversations = []
-    for turn in turns:
-        # A fresh host per turn: 'crash' kills its server, and the transcript needs the tool
-        # list as the daemon shows it at the start of a request.
-        async with MCPHost(servers, tool_timeout_s=TOOL_TIMEOUT_S, restart=False) as host:
-            tools = host.tools()
-            assert tools, f"no tools from {list(servers)}: {host.status()}"
-            messages = first_messages(SYSTEM_PROMPT, turn.prompt)
-            for n, (name, arguments) in enumerate(turn.calls):
-                call = ToolCall(name, arguments, id=f"call_{n}")
-                result = await host.call_tool(name, arguments)
-                messages += [assistant_message("", [call]), tool_message(call, result.text, result.is_error)]
-            if turn.overflow:
-                # The daemon withdraws results that overflow the window and drops the tools: train
-                # the call in the prompt with tools, and the answer in the prompt it then renders.
-                start = len(first_messages(SYSTEM_PROMPT, turn.prompt))
-                conversations.append(Conversation(messages[: start + 1], tools))
-                withdrawn = copy.deepcopy(messages)
-                withdraw_tool_results(withdrawn)
-                conversations.append(Conversation([*withdrawn, {"role": "assistant", "content": turn.answer}], None))
-                continue
-            if turn.bare is not None:  # the same calls, then the answer in the prompt without tools
-                done = 2 * turn.bare[0] + len(first_messages(SYSTEM_PROMPT, turn.prompt))
-                bare = [*messages[:done], {"role": "assistant", "content": turn.bare[1]}]
-                conversations.append(Conversation(bare, None))
-            if turn.calls or turn.bare is None:
-                messages.append({"role": "assistant", "content": turn.answer})
-                conversations.append(Conversation(messages, tools))
+    if turn.bare is not None:  # the same calls, then the answer in the prompt without tools
+        done = 2 * turn.bare[0] + len(first_messages(SYSTEM_PROMPT, turn.prompt))
+        conversations.append(Conversation([*messages[:done], {"role": "assistant", "content": turn.bare[1]}], None))
+    if turn.calls or turn.bare is None:
+        conversations.append(Conversation([*messages, {"role": "assistant", "content": turn.answer}], tools))
     return conversations
 
 

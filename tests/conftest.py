@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 from daemon import Daemon, base_config, free_port  # noqa: E402
-from tinymodel import write_tiny_model  # noqa: E402
+from tinymodel import never_stop, write_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -28,20 +28,6 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = write_tiny_model(tmp_path_factory.mktemp("model") / "tiny", seed=0)
     never_stop(folder)
     return folder
-
-
-def never_stop(folder: Path) -> None:
-    import json
-
-    import mlx.core as mx
-
-    eos = json.loads((folder / "config.json").read_text())["eos_token_id"]
-    weights_file = next(folder.glob("*.safetensors"))
-    weights = mx.load(str(weights_file))
-    (name,) = [k for k in weights if k.endswith("embed_tokens.weight")]
-    table = weights[name]
-    weights[name] = mx.where((mx.arange(table.shape[0]) == eos)[:, None], 0.0, table).astype(table.dtype)
-    mx.save_safetensors(str(weights_file), weights)
 
 
 @pytest.fixture

@@ -9,7 +9,12 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+# setuptools is noisy about editable installs: its output is shown only when the install fails.
+mkdir -p .test-deps
+if ! .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]' >.test-deps/pip.log 2>&1; then
+    cat .test-deps/pip.log >&2
+    exit 1
+fi
 
 # Third-party MCP servers the tests run for real: mcp-server-time comes with the test extras
 # (PyPI); the filesystem server comes from npm into .test-deps/.

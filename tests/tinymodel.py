@@ -360,6 +360,20 @@ def _save_weights(model, out_dir: Path) -> None:
     mx.save_safetensors(str(Path(out_dir) / "model.safetensors"), weights, metadata={"format": "mlx"})
 
 
+def never_stop(folder: Path) -> None:
+    """Zero the end-of-turn embedding row: with tied embeddings its logit is always 0 while the
+    best other logit is positive, so greedy decoding never stops before ``max_tokens``."""
+    import mlx.core as mx
+
+    eos = json.loads((folder / "config.json").read_text())["eos_token_id"]
+    weights_file = next(folder.glob("*.safetensors"))
+    weights = mx.load(str(weights_file))
+    (name,) = [k for k in weights if k.endswith("embed_tokens.weight")]
+    table = weights[name]
+    weights[name] = mx.where((mx.arange(table.shape[0]) == eos)[:, None], 0.0, table).astype(table.dtype)
+    mx.save_safetensors(str(weights_file), weights)
+
+
 # --------------------------------------------------------------------------- rendering
 
 

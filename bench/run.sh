@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Benchmarks, by hand: `bash bench/run.sh [bench/throughput.py options]`. Reports; asserts nothing.
+# Benchmarks, by hand: `bash bench/run.sh [bench/throughput.py options]`, or
+# `bash bench/run.sh --prompt-cache [bench/prompt_cache.py options]`. Reports; asserts nothing.
 #
 # On Linux, MLX's CPU wheel ships a slow built-in BLAS with which batching gains nothing; Debian's
 # OpenBLAS, preloaded, is ~20x faster on float32 matmuls. This script fetches it (apt-get
@@ -33,4 +34,8 @@ else
 fi
 export LLM_SERVER_BENCH_BLAS=$BLAS
 export HF_HUB_OFFLINE=1
+if [ "${1:-}" = --prompt-cache ]; then
+    shift
+    exec .venv/bin/python bench/prompt_cache.py "$@"
+fi
 exec .venv/bin/python bench/throughput.py "$@"

@@ -5,6 +5,11 @@ threads crashes, so (as in ``mlx_lm.server``) a single thread loads the model, r
 prefill and decode step through mlx-lm's ``BatchGenerator`` (continuous batching: requests join
 and leave the running batch between steps), and finally frees the model. Other threads only
 ``submit`` token ids and get a ``concurrent.futures.Future`` back.
+
+Prompt cache. Every finished generation leaves its KV cache in mlx-lm's ``LRUPromptCache``
+(bounded by ``prompt_cache_mb``), keyed by its tokens. A new prompt starts from the cache of the
+longest shared prefix (trimmed copy), so the system prompt and tool schemas that every request
+repeats, and the earlier rounds of a tool-calling conversation, are not computed again.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ class Completion:
     completion_tokens: int
     finish_reason: str
     seconds: float
+    cached_tokens: int = 0  # prompt tokens taken from the prompt cache
 
 
 @dataclass
@@ -54,15 +60,20 @@ class _Job:
     tokens: list[int] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     uid: int | None = None
+    cached_tokens: int = 0
 
 
 class Engine:
     """Owns MLX, the model and the batch generator, all on its own thread."""
 
-    def __init__(self, model_name: str, sampling: SamplingSettings, max_batch_size: int) -> None:
+    def __init__(
+        self, model_name: str, sampling: SamplingSettings, max_batch_size: int, prompt_cache_mb: int = 0
+    ) -> None:
         self.model_name = model_name
         self.sampling = sampling
         self.max_batch_size = max_batch_size
+        self.prompt_cache_bytes = prompt_cache_mb * 1024 * 1024
+        self._cache: Any = None  # LRUPromptCache, made and used on the MLX thread only
         self.tokenizer: Any = None
         self.context_window: int | None = None
         self._inbox: queue.SimpleQueue[_Job | _Cancel | None] = queue.SimpleQueue()
@@ -105,6 +116,7 @@ class Engine:
         finally:
             generator.close()
             del model, generator
+            self._cache = None
             self.tokenizer = None
             gc.collect()
             import mlx.core as mx
@@ -139,6 +151,10 @@ class Engine:
             prefill_batch_size=min(self.max_batch_size, 8),
             stream=mx.default_stream(mx.default_device()),
         )
+        if self.prompt_cache_bytes > 0:
+            from mlx_lm.models.cache import LRUPromptCache
+
+            self._cache = LRUPromptCache(max_bytes=self.prompt_cache_bytes)
         log.info(
             "model %s loaded in %.1f s (context window %s, device %s)",
             self.model_name,
@@ -173,12 +189,37 @@ class Engine:
 
     def _insert(self, generator: Any, active: dict[int, _Job], job: _Job) -> None:
         try:
-            (uid,) = generator.insert([job.prompt], max_tokens=[job.max_tokens])
+            cache, rest = self._cached_prefix(job.prompt)
+            job.cached_tokens = len(job.prompt) - len(rest)
+            (uid,) = generator.insert(
+                [rest], max_tokens=[job.max_tokens], caches=[cache], all_tokens=[job.prompt[: job.cached_tokens]]
+            )
         except Exception as exc:
             job.future.set_exception(exc)
             return
         job.uid = uid
         active[uid] = job
+
+    def _cached_prefix(self, prompt: list[int]) -> tuple[Any, list[int]]:
+        """The KV cache of the longest cached prefix of `prompt` (a copy) and the tokens left."""
+        if self._cache is None:
+            return None, prompt
+        from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+
+        cache, rest = self._cache.fetch_nearest_cache(_CACHE_KEY, prompt)
+        if cache is not None and not rest:  # all of it cached: the last token must still run
+            if not can_trim_prompt_cache(cache):
+                return None, prompt
+            trim_prompt_cache(cache, 1)
+            rest = prompt[-1:]
+        return cache, rest
+
+    def _keep_cache(self, generator: Any, response: Any) -> None:
+        """Put a finished sequence's KV cache in the prompt cache, within its byte budget."""
+        if self._cache is None or response.prompt_cache is None or not response.all_tokens:
+            return
+        self._cache.insert_cache(_CACHE_KEY, list(response.all_tokens), response.prompt_cache)
+        self._cache.trim_to(n_bytes=self.prompt_cache_bytes - generator.prompt_cache_nbytes)
 
     def _cancel(self, generator: Any, active: dict[int, _Job], future: Future[Completion]) -> None:
         # The inbox is FIFO, so the job was already inserted (or finished) by now.
@@ -208,6 +249,7 @@ class Engine:
                 job.tokens.append(response.token)
             if response.finish_reason is not None:
                 del active[response.uid]
+                self._keep_cache(generator, response)
                 self._finish(job, response.finish_reason)
 
     def _finish(self, job: _Job, finish_reason: str) -> None:
@@ -218,6 +260,7 @@ class Engine:
             completion_tokens=len(job.tokens),
             finish_reason=finish_reason,
             seconds=time.monotonic() - job.started,
+            cached_tokens=job.cached_tokens,
         )
         if not job.future.done():
             job.future.set_result(completion)
@@ -233,6 +276,7 @@ class _Cancel:
 
 
 _NOTHING: Any = object()
+_CACHE_KEY = "model"  # LRUPromptCache keys entries by model too; this engine has one
 
 
 def _context_window(config: dict[str, Any]) -> int | None:

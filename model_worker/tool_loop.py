@@ -83,7 +83,7 @@ class ToolLoop:
         tokenizer = self.engine.tokenizer
         messages = first_messages(self.system_prompt, prompt)
         rounds = calls_made = completion_tokens = 0
-        prompt_tokens = 0
+        prompt_tokens = cached_tokens = 0
         overflowed = False
         while True:
             limit_reached = rounds >= self.max_tool_rounds
@@ -109,12 +109,13 @@ class ToolLoop:
                 prompt_tokens = len(ids)
             completion = await self._generate(ids, budget)
             completion_tokens += completion.completion_tokens
+            cached_tokens += completion.cached_tokens
             parsed = parse_output(tokenizer, completion.text, tools)
             for body in parsed.malformed:
                 log.warning("model emitted a tool call that does not parse: %.200s", body)
             if not parsed.calls or tools is None or self.host is None:
                 stats = GenerationStats(
-                    prompt_tokens, completion_tokens, calls_made, rounds + 1, time.monotonic() - started
+                    prompt_tokens, completion_tokens, calls_made, rounds + 1, time.monotonic() - started, cached_tokens
                 )
                 return Answer(parsed.content, stats)
             rounds += 1

@@ -72,6 +72,7 @@ class Worker:
                     self.config.temperature, self.config.top_p, self.config.min_p, self.config.min_tokens_to_keep
                 ),
                 self.config.max_batch_size,
+                self.config.prompt_cache_mb,
             )
             log.info("loading model %s", self.config.model_name)
             try:

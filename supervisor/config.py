@@ -59,6 +59,7 @@ class Config:
     tool_timeout_s: float = 60.0
     max_tool_rounds: int = 8
     max_batch_size: int = 8
+    prompt_cache_mb: int = 1024
     shutdown_timeout_s: float = 600.0
     worker_restarts: int = 3
     config_path: Path = field(default=Path("config.json"), compare=False)
@@ -109,6 +110,7 @@ def parse_config(raw: dict[str, Any], path: Path, log_filename: Path) -> Config:
         tool_timeout_s=check.number("tool_timeout_s", 0.0, 86400.0, True, 60.0),
         max_tool_rounds=check.integer("max_tool_rounds", 0, 1000, default=8),
         max_batch_size=check.integer("max_batch_size", 1, 256, default=8),
+        prompt_cache_mb=check.integer("prompt_cache_mb", 0, 1_000_000, default=1024),
         shutdown_timeout_s=check.number("shutdown_timeout_s", 0.0, 86400.0, True, 600.0),
         worker_restarts=check.integer("worker_restarts", 0, 1000, default=3),
         config_path=path,

@@ -204,7 +204,7 @@ def build_app(config: Config, gateway: Gateway) -> Sanic:
                 {"response": result.text},
                 started,
                 f"prompt_tokens={stats.prompt_tokens} completion_tokens={stats.completion_tokens} "
-                f"tool_calls={stats.tool_calls}",
+                f"tool_calls={stats.tool_calls} cached_tokens={stats.cached_tokens}",
             )
         return _answer(request_id, http_status(result.category), {"Error": result.message}, started)
 

@@ -56,6 +56,7 @@ class GenerationStats:
     tool_calls: int = 0
     rounds: int = 0
     seconds: float = 0.0
+    cached_tokens: int = 0  # prompt tokens, over all rounds, taken from the prompt cache
 
 
 @dataclass(frozen=True)

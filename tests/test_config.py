@@ -38,6 +38,7 @@ def test_valid_config_with_defaults(tmp_path: Path) -> None:
     assert config.max_tool_rounds == 8
     assert config.tool_timeout_s == 60.0
     assert config.mcp_startup_timeout_s == 30.0
+    assert config.prompt_cache_mb == 1024
     assert config.log_filename == tmp_path.resolve() / "server.log"
 
 
@@ -59,7 +60,7 @@ def test_every_key_is_required(tmp_path: Path, key: str) -> None:
         ("log_level", "verbose"), ("model_name", ""), ("system_prompt", 3),
         ("servers", []), ("servers", {"a": {"type": "carrier-pigeon"}}), ("servers", {"a": {"type": "sse"}}),
         ("servers", {"a": {"command": "x", "args": "not a list"}}),
-        ("max_tokens", 0), ("listening_host", ""),
+        ("max_tokens", 0), ("listening_host", ""), ("prompt_cache_mb", -1), ("prompt_cache_mb", 1.5),
     ],
 )
 def test_bad_values_name_the_key(tmp_path: Path, key: str, value: object) -> None:

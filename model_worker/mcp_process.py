@@ -21,7 +21,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from mcp.client.stdio import StdioServerParameters
 
@@ -109,18 +109,17 @@ class StderrPump:
 
 
 def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return _exists(os.kill, pid)
 
 
 def group_alive(pgid: int) -> bool:
+    return _exists(os.killpg, pgid)
+
+
+def _exists(send: Callable[[int, int], None], target: int) -> bool:
+    """Signal 0 probes a process (group) without touching it."""
     try:
-        os.killpg(pgid, 0)
+        send(target, 0)
     except ProcessLookupError:
         return False
     except PermissionError:

@@ -25,7 +25,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH), str(BENCH.parent / "tests"), str(BENCH.parent)]
 
-from daemon import Daemon, base_config, free_port  # noqa: E402
+from daemon import base_config, free_port, serving  # noqa: E402
 from throughput import ROOT, build_model  # noqa: E402
 
 QUESTIONS = [f"Question {n}: what is rule {n * 7} about?" for n in range(1, 100)]
@@ -41,19 +41,16 @@ def run(model: Path, name: str, cache_mb: int, requests: int, rules: int, work: 
     config = base_config(
         model, free_port(), max_tokens=8, system_prompt=system_prompt(rules), prompt_cache_mb=cache_mb, log_level="info"
     )
-    daemon = Daemon(work / name, config).start()
-    try:
-        daemon.wait_serving(timeout=600)
+    with serving(work / name, config, timeout=600) as daemon:
         latencies, cached, prompt_tokens = [], [], 0
         for question in QUESTIONS[:requests]:
             started = time.monotonic()
             result = daemon.ask(question, timeout=3600)
             latencies.append(round(time.monotonic() - started, 2))
             assert result.status == 200, result.body
-            request_id = result.headers["x-request-id"]
-            daemon.wait_log(f"{request_id} response 200")
             line = re.search(
-                rf"{request_id} response 200 .* prompt_tokens=(\d+) .* cached_tokens=(\d+)", daemon.log_text()
+                r" response 200 .* prompt_tokens=(\d+) .* cached_tokens=(\d+)$",
+                daemon.response_line(result.headers["x-request-id"]),
             )
             assert line is not None
             prompt_tokens = int(line.group(1))
@@ -62,8 +59,6 @@ def run(model: Path, name: str, cache_mb: int, requests: int, rules: int, work: 
         print(f"  {name}: prompt {prompt_tokens} tokens; latency first {latencies[0]:.2f} s, then mean {warm:.2f} s; "
               f"cached tokens per request {cached}", flush=True)  # fmt: skip
         return {"latencies_s": latencies, "cached_tokens": cached, "prompt_tokens": prompt_tokens, "warm_mean_s": warm}
-    finally:
-        daemon.kill_all()
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 
-from daemon import Daemon, base_config, cmdline, free_port  # noqa: E402
+from daemon import Daemon, base_config, cmdline, free_port, serving  # noqa: E402
 from tinymodel import never_stop, write_tiny_model  # noqa: E402
 
 QWEN25_05B_BODY = dict(
@@ -107,23 +107,13 @@ def drive(daemon: Daemon, name: str, concurrency: int, per_client: int) -> Level
 
 
 def completion_tokens(daemon: Daemon, ids: list[str]) -> int:
-    """Sum of the tokens the daemon logged for these requests (waits for the lines)."""
-    deadline = time.monotonic() + 10
-    while True:
-        found = {
-            m.group(1): int(m.group(2))
-            for m in re.finditer(r" (\w+) response 200 in .* completion_tokens=(\d+)", daemon.log_text())
-        }
-        if all(i in found for i in ids) or time.monotonic() > deadline:
-            return sum(found.get(i, 0) for i in ids)
-        time.sleep(0.1)
+    """Sum of the tokens the daemon logged for these requests."""
+    return sum(int(re.search(r"completion_tokens=(\d+)", daemon.response_line(i)).group(1)) for i in ids)
 
 
 def run(model: Path, name: str, batch: int, levels: list[int], per_client: int, max_tokens: int, work: Path) -> dict:
     config = base_config(model, free_port(), max_tokens=max_tokens, max_batch_size=batch, log_level="info")
-    daemon = Daemon(work / name, config).start()
-    try:
-        daemon.wait_serving(timeout=600)
+    with serving(work / name, config, timeout=600) as daemon:
         daemon.ask("warm up", timeout=600)
         idle = worker_memory_mib(daemon)
         results = []
@@ -139,8 +129,6 @@ def run(model: Path, name: str, batch: int, levels: list[int], per_client: int, 
             "levels": [asdict(r) for r in results],
             "memory_mib": {"idle": idle, "after": worker_memory_mib(daemon)},
         }
-    finally:
-        daemon.kill_all()
 
 
 def main() -> None:

@@ -8,9 +8,11 @@ bodies over the size limit, bodies that are not UTF-8).
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,6 +102,18 @@ class Daemon:
                 return self
             time.sleep(0.1)
         raise AssertionError(f"daemon not serving after {timeout} s:\n{self.log_text()}")
+
+    def response_line(self, request_id: str, timeout: float = 30.0) -> str:
+        """The log line of a request's response (it reaches the file a moment after the answer)."""
+        status_line = re.compile(rf" {re.escape(request_id)} response \d{{3}} ")  # not "response text:"
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = [line for line in self.log_text().splitlines() if status_line.search(line)]
+            if lines:
+                return lines[0]
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no response line for {request_id} after {timeout} s:\n{self.log_text()}")
+            time.sleep(0.05)
 
     def wait_exit(self, timeout: float = 60.0) -> int:
         assert self.proc is not None
@@ -294,3 +308,13 @@ def post_and_hang_up(daemon: Daemon, prompt: str, linger_s: float = 0.0) -> None
         sock.sendall(head.encode() + body)
         daemon.wait_log("request from", count=before + 1)
         time.sleep(linger_s)
+
+
+@contextlib.contextmanager
+def serving(workdir: Path, config: dict[str, Any], timeout: float = 90.0) -> Iterator[Daemon]:
+    """A daemon that serves for the duration of the block, then is killed."""
+    daemon = Daemon(workdir, config)
+    try:
+        yield daemon.start().wait_serving(timeout)
+    finally:
+        daemon.kill_all()

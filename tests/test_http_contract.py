@@ -11,17 +11,15 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from daemon import Daemon, base_config, free_port, raw_exchange
+from daemon import Daemon, base_config, free_port, raw_exchange, serving
 
 MB = 1_000_000
 
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[Daemon]:
-    d = Daemon(tmp_path_factory.mktemp("contract"), base_config(tiny_model, free_port()))
-    d.start().wait_serving()
-    yield d
-    d.kill_all()
+    with serving(tmp_path_factory.mktemp("contract"), base_config(tiny_model, free_port())) as d:
+        yield d
 
 
 def assert_json_error(result, status: int) -> str:
@@ -41,7 +39,7 @@ def test_prompt_gets_a_response(daemon: Daemon) -> None:
     assert document["response"]
     assert result.headers.get("x-request-id")
     request_id = result.headers["x-request-id"]
-    daemon.wait_log(f"{request_id} response 200 in")  # records reach the file a moment later
+    daemon.response_line(request_id)  # records reach the file a moment after the answer
     log = daemon.log_text()
     assert f"{request_id} request from 127.0.0.1" in log
     assert f"{request_id} prompt: Hello, who are you?" in log  # trace level logs bodies

@@ -17,10 +17,9 @@ def answers_and_cached_tokens(daemon: Daemon) -> tuple[list[str], list[int]]:
         result = daemon.ask(prompt)
         assert result.status == 200, result.body
         answers.append(result.json()["response"])
-        request_id = result.headers["x-request-id"]
-        daemon.wait_log(f"{request_id} response 200")
-        match = re.search(rf"{request_id} response 200 .* cached_tokens=(\d+)", daemon.log_text())
-        assert match, daemon.log_text()
+        line = daemon.response_line(result.headers["x-request-id"])
+        match = re.search(r" response 200 .* cached_tokens=(\d+)$", line)
+        assert match, line
         cached.append(int(match.group(1)))
     return answers, cached
 

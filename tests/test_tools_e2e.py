@@ -26,6 +26,7 @@ from daemon import (
     cmdline,
     free_port,
     post_and_hang_up,
+    serving,
 )
 from tool_model import (
     CALC_SERVER,
@@ -53,16 +54,14 @@ def ask_ok(daemon: Daemon, prompt: str) -> tuple[str, str]:
     text = result.json()["response"]
     assert "<tool_call>" not in text and "</tool_call>" not in text
     request_id = result.headers["x-request-id"]
-    daemon.wait_log(f"{request_id} response 200")
+    assert " response 200 " in daemon.response_line(request_id)
     return text, request_id
 
 
 @pytest.fixture(scope="module")
 def calc_daemon(tmp_path_factory: pytest.TempPathFactory, tool_model: Path) -> Iterator[Daemon]:
-    daemon = Daemon(tmp_path_factory.mktemp("calc"), tool_config(tool_model, calc_servers()))
-    daemon.start().wait_serving()
-    yield daemon
-    daemon.kill_all()
+    with serving(tmp_path_factory.mktemp("calc"), tool_config(tool_model, calc_servers())) as daemon:
+        yield daemon
 
 
 def test_model_calls_add_and_the_sum_is_in_the_response(calc_daemon: Daemon) -> None:

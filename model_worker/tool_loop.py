@@ -61,7 +61,7 @@ class Answer:
 
 
 class ToolLoop:
-    """Turns a prompt into the final assistant text, with tools when a host is given."""
+    """Turns a prompt into the final assistant text, with the host's live tools (possibly none)."""
 
     def __init__(
         self,
@@ -70,7 +70,7 @@ class ToolLoop:
         system_prompt: str,
         max_tokens: int,
         max_tool_rounds: int,
-        host: ToolHost | None,
+        host: ToolHost,
     ) -> None:
         self.engine = engine
         self.system_prompt = system_prompt
@@ -87,7 +87,7 @@ class ToolLoop:
         overflowed = False
         while True:
             limit_reached = rounds >= self.max_tool_rounds
-            tools = None if self.host is None or limit_reached or overflowed else (self.host.tools() or None)
+            tools = None if limit_reached or overflowed else (self.host.tools() or None)
             if limit_reached and rounds and not overflowed:
                 log.info("tool round limit (%d) reached: answering without tools", self.max_tool_rounds)
             ids = await asyncio.to_thread(render, tokenizer, messages, tools)
@@ -113,7 +113,7 @@ class ToolLoop:
             parsed = parse_output(tokenizer, completion.text, tools)
             for body in parsed.malformed:
                 log.warning("model emitted a tool call that does not parse: %.200s", body)
-            if not parsed.calls or tools is None or self.host is None:
+            if not parsed.calls or tools is None:
                 stats = GenerationStats(
                     prompt_tokens, completion_tokens, calls_made, rounds + 1, time.monotonic() - started, cached_tokens
                 )
@@ -151,5 +151,4 @@ class ToolLoop:
 
     async def _call(self, call: ToolCall) -> ToolResultLike:
         """One tool call; the host logs it and turns every failure into readable text."""
-        assert self.host is not None
         return await self.host.call_tool(call.name, call.arguments)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Benchmarks, by hand: `bash bench/run.sh [bench/throughput.py options]`, or
+# Benchmarks, by hand: `bash bench/run.sh --compare [bench/compare.py options]` (llm-server against
+# mlx-lm's own limits and mlx_lm.server), `bash bench/run.sh [bench/throughput.py options]`, or
 # `bash bench/run.sh --prompt-cache [bench/prompt_cache.py options]`. Reports; asserts nothing.
 #
 # On Linux, MLX's CPU wheel ships a slow built-in BLAS with which batching gains nothing; Debian's
@@ -13,12 +14,16 @@ if [ ! -x .venv/bin/python ]; then
     "${PYTHON:-python3}" -m venv .venv
 fi
 mkdir -p .test-deps
-if ! .venv/bin/python -m pip install --quiet --disable-pip-version-check -e . >.test-deps/pip.log 2>&1; then
+# MLX's backend on Linux is an extra: cpu by default, LLM_SERVER_BACKEND=cuda on an NVIDIA machine.
+if ! .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[${LLM_SERVER_BACKEND:-cpu}]" >.test-deps/pip.log 2>&1; then
     cat .test-deps/pip.log >&2
     exit 1
 fi
 
 BLAS=${BLAS:-openblas}
+if [ "${LLM_SERVER_BACKEND:-cpu}" != cpu ]; then
+    BLAS=builtin  # the GPU does the matmuls
+fi
 if [ "$BLAS" = openblas ] && [ "$(uname -s)" = Linux ]; then
     LIB=.test-deps/openblas/usr/lib/$(uname -m)-linux-gnu
     if [ ! -e "$LIB/openblas-pthread/libblas.so.3" ]; then
@@ -34,6 +39,10 @@ else
 fi
 export LLM_SERVER_BENCH_BLAS=$BLAS
 export HF_HUB_OFFLINE=1
+if [ "${1:-}" = --compare ]; then
+    shift
+    exec .venv/bin/python bench/compare.py "$@"
+fi
 if [ "${1:-}" = --prompt-cache ]; then
     shift
     exec .venv/bin/python bench/prompt_cache.py "$@"

@@ -2,9 +2,21 @@
 
 MLX streams belong to the thread that made them, and one model shared by several generating
 threads crashes, so (as in ``mlx_lm.server``) a single thread loads the model, runs every
-prefill and decode step through mlx-lm's ``BatchGenerator`` (continuous batching: requests join
-and leave the running batch between steps), and finally frees the model. Other threads only
-``submit`` token ids and get a ``concurrent.futures.Future`` back.
+prefill and decode step, and finally frees the model. Other threads only ``submit`` token ids and
+get a ``concurrent.futures.Future`` back; nothing crosses threads per token, and decoding the
+tokens to text is left to the waiting thread.
+
+Two paths, one at a time:
+
+- **One sequence alone** runs through mlx-lm's ``generate_step`` (the loop behind
+  ``stream_generate``: plain ``KVCache``, step n+1 built and queued with ``mx.async_eval`` before
+  step n is read), the single-stream limit of mlx-lm itself.
+- **Several** run through mlx-lm's ``BatchGenerator`` (continuous batching: requests join and
+  leave the running batch between steps, new prompts are prefilled together). When a second
+  request arrives while one runs alone, the lone sequence is handed to the batch without losing
+  its work: its KV cache, less the last token (which the batch feeds again to get the next one),
+  goes in through ``insert(caches=...)``. The batch runs until it is empty; the next lone request
+  starts alone again.
 
 Prompt cache. Every finished generation leaves its KV cache in mlx-lm's ``LRUPromptCache``
 (bounded by ``prompt_cache_mb``), keyed by its tokens. A new prompt starts from the cache of the
@@ -21,7 +33,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 log = logging.getLogger("llm_server.engine")
 
@@ -42,9 +54,9 @@ class SamplingSettings:
 
 @dataclass(frozen=True)
 class Completion:
-    """One finished generation: the decoded text without the stop token."""
+    """One finished generation: the generated token ids, without the stop token."""
 
-    text: str
+    tokens: list[int]
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str
@@ -74,6 +86,11 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.prompt_cache_bytes = prompt_cache_mb * 1024 * 1024
         self._cache: Any = None  # LRUPromptCache, made and used on the MLX thread only
+        # Made by _load on the MLX thread: the sampler, stream and stop tokens both paths share.
+        self._sampler: Any = None
+        self._stream: Any = None
+        self._eos: frozenset[int] = frozenset()
+        self._solo_allowed = False
         self.tokenizer: Any = None
         self.context_window: int | None = None
         self._inbox: queue.SimpleQueue[_Job | _Cancel | None] = queue.SimpleQueue()
@@ -112,7 +129,7 @@ class Engine:
             return
         self._loaded.set_result(None)
         try:
-            self._serve(generator)
+            self._serve(model, generator)
         finally:
             generator.close()
             del model, generator
@@ -125,9 +142,15 @@ class Engine:
             log.info("model unloaded")
 
     def _load(self) -> tuple[Any, Any]:
-        import mlx.core as mx
+        try:
+            import mlx.core as mx
+        except ImportError as exc:  # Linux without the cpu or cuda extra: mlx has no backend
+            raise ModelLoadError(
+                f"MLX has no backend here ({exc}): install llm-server[cpu], or llm-server[cuda] for an NVIDIA GPU"
+            ) from exc
         from mlx_lm import load
         from mlx_lm.generate import BatchGenerator
+        from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
         from mlx_lm.sample_utils import make_sampler
 
         started = time.monotonic()
@@ -137,19 +160,23 @@ class Engine:
             raise ModelLoadError(f"cannot load model {self.model_name!r}: {type(exc).__name__}: {exc}") from exc
         self.tokenizer = tokenizer
         self.context_window = _context_window(config)
-        sampler = make_sampler(
+        self._sampler = make_sampler(
             temp=self.sampling.temperature,
             top_p=self.sampling.top_p,
             min_p=self.sampling.min_p,
             min_tokens_to_keep=self.sampling.min_tokens_to_keep,
         )
+        self._stream = mx.default_stream(mx.default_device())
+        self._eos = frozenset(tokenizer.eos_token_ids)
+        # A lone sequence can be handed to the batch only if its cache can drop its last token.
+        self._solo_allowed = can_trim_prompt_cache(make_prompt_cache(model))
         generator = BatchGenerator(
             model,
-            stop_tokens=[[token] for token in sorted(tokenizer.eos_token_ids)],
-            sampler=sampler,
+            stop_tokens=[[token] for token in sorted(self._eos)],
+            sampler=self._sampler,
             completion_batch_size=self.max_batch_size,
             prefill_batch_size=min(self.max_batch_size, 8),
-            stream=mx.default_stream(mx.default_device()),
+            stream=self._stream,
         )
         if self.prompt_cache_bytes > 0:
             from mlx_lm.models.cache import LRUPromptCache
@@ -164,28 +191,120 @@ class Engine:
         )
         return model, generator
 
-    def _serve(self, generator: Any) -> None:
-        active: dict[int, _Job] = {}
+    def _serve(self, model: Any, generator: Any) -> None:
+        active: dict[int, _Job] = {}  # in the batch, by uid
+        solo: _Solo | None = None
         stopping = False
-        while not stopping or active:
+        while not stopping or active or solo:
             # Block only when there is nothing to decode.
-            try:
-                item = self._inbox.get(block=not active)
-            except queue.Empty:
-                item = _NOTHING
-            while item is not _NOTHING:
+            items = [self._inbox.get()] if not (active or solo) else []
+            while not self._inbox.empty():
+                items.append(self._inbox.get_nowait())
+            arrived: list[_Job] = []
+            for item in items:
                 if item is None:
                     stopping = True
                 elif isinstance(item, _Cancel):
-                    self._cancel(generator, active, item.future)
+                    if solo is not None and solo.job.future is item.future:
+                        solo.steps.close()
+                        _cancelled(item.future, len(solo.job.tokens))
+                        solo = None
+                    elif any(job.future is item.future for job in arrived):  # not started yet
+                        arrived = [job for job in arrived if job.future is not item.future]
+                        _cancelled(item.future, 0)
+                    else:
+                        self._cancel(generator, active, item.future)
                 elif item.future.set_running_or_notify_cancel():
-                    self._insert(generator, active, item)
-                try:
-                    item = self._inbox.get_nowait()
-                except queue.Empty:
-                    item = _NOTHING
-            if active:
+                    arrived.append(item)
+            if arrived:
+                if solo is None and not active and len(arrived) == 1 and self._solo_allowed:
+                    solo = self._start_solo(model, arrived[0])
+                else:
+                    if solo is not None:
+                        self._hand_over(generator, active, solo)
+                        solo = None
+                    for job in arrived:
+                        self._insert(generator, active, job)
+            if solo is not None:
+                if self._step_solo(generator, solo):
+                    solo = None
+            elif active:
                 self._step(generator, active)
+
+    # --- one sequence alone: mlx-lm's generate_step ----------------------------------------------
+
+    def _start_solo(self, model: Any, job: _Job) -> _Solo | None:
+        import mlx.core as mx
+        from mlx_lm.generate import generate_step
+        from mlx_lm.models.cache import make_prompt_cache
+
+        try:
+            cache, rest = self._cached_prefix(job.prompt)
+            job.cached_tokens = len(job.prompt) - len(rest)
+            cache = cache if cache is not None else make_prompt_cache(model)
+            steps = generate_step(
+                mx.array(rest),
+                model,
+                self._stream,
+                max_tokens=job.max_tokens,
+                sampler=self._sampler,
+                prompt_cache=cache,
+            )
+        except Exception as exc:
+            job.future.set_exception(exc)
+            return None
+        log.debug("sequence runs alone")
+        return _Solo(job, cache, steps, list(job.prompt))
+
+    def _step_solo(self, generator: Any, solo: _Solo) -> bool:
+        """One token of the lone sequence; True when it is finished (or failed)."""
+        job = solo.job
+        try:
+            token, _ = next(solo.steps)
+        except Exception as exc:
+            log.exception("generation step failed")
+            job.future.set_exception(exc)
+            return True
+        solo.fed.append(token)  # generate_step has already fed it to the model
+        if token in self._eos:
+            reason = "stop"
+        else:
+            job.tokens.append(token)
+            if len(job.tokens) < job.max_tokens:
+                return False
+            reason = "length"
+        solo.steps.close()
+        self._remember(generator, solo.fed, solo.cache)
+        self._finish(job, reason)
+        return True
+
+    def _hand_over(self, generator: Any, active: dict[int, _Job], solo: _Solo) -> None:
+        """Move the lone sequence into the batch, keeping its KV cache (a second request came)."""
+        from mlx_lm.models.cache import trim_prompt_cache
+
+        solo.steps.close()
+        job = solo.job
+        if not job.tokens:  # nothing generated yet (first step failed or not taken): start over
+            self._insert(generator, active, job)
+            return
+        # The cache holds every token fed so far, the last generated one included; the batch
+        # feeds that token again to produce the next, so it leaves the cache.
+        trim_prompt_cache(solo.cache, 1)
+        try:
+            (uid,) = generator.insert(
+                [solo.fed[-1:]],
+                max_tokens=[job.max_tokens - len(job.tokens)],
+                caches=[solo.cache],
+                all_tokens=[solo.fed[:-1]],
+            )
+        except Exception as exc:
+            job.future.set_exception(exc)
+            return
+        job.uid = uid
+        active[uid] = job
+        log.debug("lone sequence handed to the batch after %d tokens", len(job.tokens))
+
+    # --- several: mlx-lm's BatchGenerator -----------------------------------------------------------
 
     def _insert(self, generator: Any, active: dict[int, _Job], job: _Job) -> None:
         try:
@@ -214,11 +333,11 @@ class Engine:
             rest = prompt[-1:]
         return cache, rest
 
-    def _keep_cache(self, generator: Any, response: Any) -> None:
+    def _remember(self, generator: Any, tokens: list[int], cache: Any) -> None:
         """Put a finished sequence's KV cache in the prompt cache, within its byte budget."""
-        if self._cache is None or response.prompt_cache is None or not response.all_tokens:
+        if self._cache is None or cache is None or not tokens:
             return
-        self._cache.insert_cache(_CACHE_KEY, list(response.all_tokens), response.prompt_cache)
+        self._cache.insert_cache(_CACHE_KEY, tokens, cache)
         self._cache.trim_to(n_bytes=self.prompt_cache_bytes - generator.prompt_cache_nbytes)
 
     def _cancel(self, generator: Any, active: dict[int, _Job], future: Future[Completion]) -> None:
@@ -227,8 +346,7 @@ class Engine:
             if job.future is future:
                 del active[uid]
                 generator.remove([uid])
-                future.cancel() or future.set_exception(CancelledGeneration())
-                log.info("generation cancelled after %d tokens", len(job.tokens))
+                _cancelled(future, len(job.tokens))
 
     def _step(self, generator: Any, active: dict[int, _Job]) -> None:
         try:
@@ -249,13 +367,13 @@ class Engine:
                 job.tokens.append(response.token)
             if response.finish_reason is not None:
                 del active[response.uid]
-                self._keep_cache(generator, response)
+                if response.all_tokens:
+                    self._remember(generator, list(response.all_tokens), response.prompt_cache)
                 self._finish(job, response.finish_reason)
 
     def _finish(self, job: _Job, finish_reason: str) -> None:
-        text = self.tokenizer.decode(job.tokens)
         completion = Completion(
-            text=text,
+            tokens=job.tokens,
             prompt_tokens=len(job.prompt),
             completion_tokens=len(job.tokens),
             finish_reason=finish_reason,
@@ -264,6 +382,21 @@ class Engine:
         )
         if not job.future.done():
             job.future.set_result(completion)
+
+
+@dataclass
+class _Solo:
+    """The one sequence running alone: its ``generate_step`` and the KV cache it fills."""
+
+    job: _Job
+    cache: list[Any]
+    steps: Iterator[tuple[int, Any]]
+    fed: list[int]  # the tokens in `cache`: the prompt, then each generated token as it is fed
+
+
+def _cancelled(future: Future[Completion], tokens: int) -> None:
+    future.cancel() or future.set_exception(CancelledGeneration())
+    log.info("generation cancelled after %d tokens", tokens)
 
 
 class CancelledGeneration(Exception):

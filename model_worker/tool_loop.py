@@ -110,7 +110,8 @@ class ToolLoop:
             completion = await self._generate(ids, budget)
             completion_tokens += completion.completion_tokens
             cached_tokens += completion.cached_tokens
-            parsed = parse_output(tokenizer, completion.text, tools)
+            # Decoded here, not on the MLX thread, which has the next step to run.
+            parsed = parse_output(tokenizer, tokenizer.decode(completion.tokens), tools)
             for body in parsed.malformed:
                 log.warning("model emitted a tool call that does not parse: %.200s", body)
             if not parsed.calls or tools is None:

@@ -10,8 +10,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 # setuptools is noisy about editable installs: its output is shown only when the install fails.
+# MLX's backend on Linux is an extra: cpu by default, LLM_SERVER_BACKEND=cuda on an NVIDIA machine.
 mkdir -p .test-deps
-if ! .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]' >.test-deps/pip.log 2>&1; then
+if ! .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test,${LLM_SERVER_BACKEND:-cpu}]" >.test-deps/pip.log 2>&1; then
     cat .test-deps/pip.log >&2
     exit 1
 fi

@@ -1,0 +1,121 @@
+"""The engine driven directly: real MLX, the tiny model, every path a sequence can take.
+
+A sequence runs alone (mlx-lm's ``generate_step``), in the batch (``BatchGenerator``), is handed
+from the first to the second when another request arrives, or starts from the prompt cache.
+Greedy decoding must give the same tokens on every path, and a cancelled sequence must leave the
+engine free on every path.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from model_worker.chat import first_messages, render
+from model_worker.engine import CancelledGeneration, Completion, Engine, SamplingSettings
+
+GREEDY = SamplingSettings(temperature=0.0, top_p=1.0, min_p=0.0, min_tokens_to_keep=1)
+PROMPTS = ["Tell me about the sea.", "Tell me about the mountains.", "What is the capital of France?"]
+LONG = 1500  # tokens: long enough that a second request arrives while the first still runs
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_model: Path) -> Iterator[dict[str, Engine]]:
+    """Two engines on the tiny model: without and with the prompt cache."""
+    made = {"plain": Engine(str(tiny_model), GREEDY, 8, 0), "cached": Engine(str(tiny_model), GREEDY, 8, 64)}
+    for engine in made.values():
+        engine.start().result(120)
+    yield made
+    for engine in made.values():
+        engine.stop(60)
+
+
+def ids(engine: Engine, prompt: str) -> list[int]:
+    return render(engine.tokenizer, first_messages("You are a helpful assistant.", prompt), None)
+
+
+def result(future: Future[Completion]) -> Completion:
+    return future.result(120)
+
+
+def test_every_path_gives_the_same_greedy_tokens(engines: dict[str, Engine], caplog: pytest.LogCaptureFixture) -> None:
+    """Scenario:
+    1. each prompt alone, one after another (the single-sequence path): the reference;
+    2. all three submitted at once (they start together in the batch): same tokens;
+    3. a long generation alone, and a second request 0.2 s later: the first is handed to the
+       batch mid-way (logged with how far it got) and both still match their reference;
+    4. with the prompt cache, the same prompt twice: the second starts from the cache and matches.
+    """
+    engine = engines["plain"]
+    alone = [result(engine.submit(ids(engine, p), 40)).tokens for p in PROMPTS]
+    assert all(len(tokens) == 40 for tokens in alone)
+
+    together = [engine.submit(ids(engine, p), 40) for p in PROMPTS]
+    assert [result(f).tokens for f in together] == alone
+
+    long_alone = result(engine.submit(ids(engine, PROMPTS[0]), LONG)).tokens
+    with caplog.at_level(logging.DEBUG, logger="llm_server.engine"):
+        first = engine.submit(ids(engine, PROMPTS[0]), LONG)
+        time.sleep(0.2)
+        second = engine.submit(ids(engine, PROMPTS[1]), 40)
+        assert result(second).tokens == alone[1]
+        assert result(first).tokens == long_alone
+    handed = [r.getMessage() for r in caplog.records if "handed to the batch" in r.getMessage()]
+    assert len(handed) == 1, handed
+    done = int(handed[0].split("after ")[1].split()[0])
+    assert 0 < done < LONG
+
+    cached = engines["cached"]
+    first_time = result(cached.submit(ids(cached, PROMPTS[2]), 40))
+    second_time = result(cached.submit(ids(cached, PROMPTS[2]), 40))
+    assert first_time.tokens == second_time.tokens == alone[2]
+    assert first_time.cached_tokens == 0 and second_time.cached_tokens == len(ids(cached, PROMPTS[2])) - 1
+
+
+def test_cancellation_frees_the_sequence_on_every_path(
+    engines: dict[str, Engine], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Scenario:
+    1. a long generation alone is cancelled: it stops early, and the next request runs alone
+       (nothing was left in the batch);
+    2. two long generations in the batch, one cancelled: the other still finishes in full;
+    3. a long generation handed to the batch and then cancelled: the request that joined it
+       finishes, and the next one runs alone again (the batch is empty).
+    """
+    engine = engines["plain"]
+    with caplog.at_level(logging.DEBUG, logger="llm_server.engine"):
+        lone = engine.submit(ids(engine, PROMPTS[0]), 100_000)
+        time.sleep(0.2)
+        engine.cancel(lone)
+        assert_cancelled(lone)
+
+        pair = [engine.submit(ids(engine, p), LONG) for p in PROMPTS[:2]]
+        time.sleep(0.2)
+        engine.cancel(pair[0])
+        assert_cancelled(pair[0])
+        assert result(pair[1]).completion_tokens == LONG
+
+        handed = engine.submit(ids(engine, PROMPTS[0]), 100_000)
+        time.sleep(0.2)
+        joiner = engine.submit(ids(engine, PROMPTS[1]), 40)
+        assert len(result(joiner).tokens) == 40
+        engine.cancel(handed)
+        assert_cancelled(handed)
+
+        caplog.clear()
+        assert len(result(engine.submit(ids(engine, PROMPTS[2]), 40)).tokens) == 40
+    messages = [r.getMessage() for r in caplog.records]
+    assert "sequence runs alone" in messages, messages  # the batch was left empty
+
+
+def assert_cancelled(future: Future[Completion]) -> None:
+    started = time.monotonic()
+    while not future.done() and time.monotonic() - started < 30:
+        time.sleep(0.01)
+    assert future.done()
+    assert future.cancelled() or isinstance(future.exception(), CancelledGeneration)

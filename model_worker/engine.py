@@ -18,6 +18,13 @@ Two paths, one at a time:
   goes in through ``insert(caches=...)``. The batch runs until it is empty; the next lone request
   starts alone again.
 
+Crash-only. A failed decode step fails only the requests in that batch. Anything else that ends
+the MLX thread (a bug outside a step, a failure while finishing or cancelling) is its death: every
+request it holds or has queued fails at once with ``EngineDead``, later ``submit`` calls fail at
+once, and ``died`` resolves with the cause so the worker can exit non-zero and be restarted.
+``LLM_SERVER_FAULT`` (unset in normal use) injects such faults for the tests: ``engine-death``
+raises on the MLX thread when a generation finishes, ``prepare`` right after the model loads.
+
 Prompt cache. Every finished generation leaves its KV cache in mlx-lm's ``LRUPromptCache``
 (bounded by ``prompt_cache_mb``), keyed by its tokens. A new prompt starts from the cache of the
 longest shared prefix (trimmed copy), so the system prompt and tool schemas that every request
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import queue
 import threading
 import time
@@ -39,7 +47,11 @@ log = logging.getLogger("llm_server.engine")
 
 
 class ModelLoadError(Exception):
-    """The configured model could not be loaded."""
+    """The configured model could not be loaded or prepared for generation."""
+
+
+class EngineDead(Exception):
+    """The MLX thread has ended: nothing more will be generated in this process."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +107,11 @@ class Engine:
         self.context_window: int | None = None
         self._inbox: queue.SimpleQueue[_Job | _Cancel | None] = queue.SimpleQueue()
         self._loaded: Future[None] = Future()
+        # Resolves with the exception that ended the MLX thread, if one ever does.
+        self.died: Future[BaseException] = Future()
+        self._death: EngineDead | None = None
+        self._death_lock = threading.Lock()  # no job is queued after the dead thread's last look
+        self._fault = os.environ.get("LLM_SERVER_FAULT", "")
         self._thread = threading.Thread(target=self._run, name="mlx", daemon=True)
 
     # --- called from other threads ------------------------------------------------------------
@@ -107,7 +124,11 @@ class Engine:
     def submit(self, prompt: list[int], max_tokens: int) -> Future[Completion]:
         """Queue a generation; its future resolves with the ``Completion``."""
         job = _Job(prompt, max_tokens, Future())
-        self._inbox.put(job)
+        with self._death_lock:
+            if self._death is not None:
+                job.future.set_exception(self._death)
+            else:
+                self._inbox.put(job)
         return job.future
 
     def cancel(self, future: Future[Completion]) -> None:
@@ -130,6 +151,9 @@ class Engine:
         self._loaded.set_result(None)
         try:
             self._serve(model, generator)
+        except BaseException as exc:
+            log.critical("the MLX thread died: %s: %s", type(exc).__name__, exc, exc_info=exc)
+            self.died.set_result(exc)
         finally:
             generator.close()
             del model, generator
@@ -158,30 +182,37 @@ class Engine:
             model, tokenizer, config = load(self.model_name, return_config=True)
         except Exception as exc:
             raise ModelLoadError(f"cannot load model {self.model_name!r}: {type(exc).__name__}: {exc}") from exc
-        self.tokenizer = tokenizer
-        self.context_window = _context_window(config)
-        self._sampler = make_sampler(
-            temp=self.sampling.temperature,
-            top_p=self.sampling.top_p,
-            min_p=self.sampling.min_p,
-            min_tokens_to_keep=self.sampling.min_tokens_to_keep,
-        )
-        self._stream = mx.default_stream(mx.default_device())
-        self._eos = frozenset(tokenizer.eos_token_ids)
-        # A lone sequence can be handed to the batch only if its cache can drop its last token.
-        self._solo_allowed = can_trim_prompt_cache(make_prompt_cache(model))
-        generator = BatchGenerator(
-            model,
-            stop_tokens=[[token] for token in sorted(self._eos)],
-            sampler=self._sampler,
-            completion_batch_size=self.max_batch_size,
-            prefill_batch_size=min(self.max_batch_size, 8),
-            stream=self._stream,
-        )
-        if self.prompt_cache_bytes > 0:
-            from mlx_lm.models.cache import LRUPromptCache
+        try:
+            # Everything between load and the first request belongs to "loading the model" too:
+            # a failure here is exit 3 with its reason, not a worker crash.
+            if self._fault == "prepare":
+                raise RuntimeError("injected fault (LLM_SERVER_FAULT=prepare)")
+            self.tokenizer = tokenizer
+            self.context_window = _context_window(config)
+            self._sampler = make_sampler(
+                temp=self.sampling.temperature,
+                top_p=self.sampling.top_p,
+                min_p=self.sampling.min_p,
+                min_tokens_to_keep=self.sampling.min_tokens_to_keep,
+            )
+            self._stream = mx.default_stream(mx.default_device())
+            self._eos = frozenset(tokenizer.eos_token_ids)
+            # A lone sequence can be handed to the batch only if its cache can drop its last token.
+            self._solo_allowed = can_trim_prompt_cache(make_prompt_cache(model))
+            generator = BatchGenerator(
+                model,
+                stop_tokens=[[token] for token in sorted(self._eos)],
+                sampler=self._sampler,
+                completion_batch_size=self.max_batch_size,
+                prefill_batch_size=min(self.max_batch_size, 8),
+                stream=self._stream,
+            )
+            if self.prompt_cache_bytes > 0:
+                from mlx_lm.models.cache import LRUPromptCache
 
-            self._cache = LRUPromptCache(max_bytes=self.prompt_cache_bytes)
+                self._cache = LRUPromptCache(max_bytes=self.prompt_cache_bytes)
+        except Exception as exc:
+            raise ModelLoadError(f"cannot prepare model {self.model_name!r}: {type(exc).__name__}: {exc}") from exc
         log.info(
             "model %s loaded in %.1f s (context window %s, device %s)",
             self.model_name,
@@ -195,41 +226,60 @@ class Engine:
         active: dict[int, _Job] = {}  # in the batch, by uid
         solo: _Solo | None = None
         stopping = False
-        while not stopping or active or solo:
-            # Block only when there is nothing to decode.
-            items = [self._inbox.get()] if not (active or solo) else []
-            while not self._inbox.empty():
-                items.append(self._inbox.get_nowait())
-            arrived: list[_Job] = []
-            for item in items:
-                if item is None:
-                    stopping = True
-                elif isinstance(item, _Cancel):
-                    if solo is not None and solo.job.future is item.future:
-                        solo.steps.close()
-                        _cancelled(item.future, len(solo.job.tokens))
-                        solo = None
-                    elif any(job.future is item.future for job in arrived):  # not started yet
-                        arrived = [job for job in arrived if job.future is not item.future]
-                        _cancelled(item.future, 0)
+        arrived: list[_Job] = []
+        try:
+            while not stopping or active or solo:
+                # Block only when there is nothing to decode.
+                items = [self._inbox.get()] if not (active or solo) else []
+                while not self._inbox.empty():
+                    items.append(self._inbox.get_nowait())
+                arrived = []
+                for item in items:
+                    if item is None:
+                        stopping = True
+                    elif isinstance(item, _Cancel):
+                        if solo is not None and solo.job.future is item.future:
+                            solo.steps.close()
+                            _cancelled(item.future, len(solo.job.tokens))
+                            solo = None
+                        elif any(job.future is item.future for job in arrived):  # not started yet
+                            arrived = [job for job in arrived if job.future is not item.future]
+                            _cancelled(item.future, 0)
+                        else:
+                            self._cancel(generator, active, item.future)
+                    elif item.future.set_running_or_notify_cancel():
+                        arrived.append(item)
+                if arrived:
+                    if solo is None and not active and len(arrived) == 1 and self._solo_allowed:
+                        solo = self._start_solo(model, arrived[0])
                     else:
-                        self._cancel(generator, active, item.future)
-                elif item.future.set_running_or_notify_cancel():
-                    arrived.append(item)
-            if arrived:
-                if solo is None and not active and len(arrived) == 1 and self._solo_allowed:
-                    solo = self._start_solo(model, arrived[0])
-                else:
-                    if solo is not None:
-                        self._hand_over(generator, active, solo)
+                        if solo is not None:
+                            self._hand_over(generator, active, solo)
+                            solo = None
+                        for job in arrived:
+                            self._insert(generator, active, job)
+                if solo is not None:
+                    if self._step_solo(generator, solo):
                         solo = None
-                    for job in arrived:
-                        self._insert(generator, active, job)
-            if solo is not None:
-                if self._step_solo(generator, solo):
-                    solo = None
-            elif active:
-                self._step(generator, active)
+                elif active:
+                    self._step(generator, active)
+        except BaseException as exc:
+            held = [*active.values(), *([solo.job] if solo else []), *arrived]
+            self._die(exc, held)
+            raise
+
+    def _die(self, exc: BaseException, held: list[_Job]) -> None:
+        """Fail every request this thread holds or has queued; later submits fail at once."""
+        dead = EngineDead(f"the model engine died: {type(exc).__name__}: {exc}")
+        with self._death_lock:
+            self._death = dead
+            while not self._inbox.empty():
+                item = self._inbox.get_nowait()
+                if isinstance(item, _Job):
+                    held.append(item)
+        for job in held:
+            if not job.future.done():
+                job.future.set_exception(dead)
 
     # --- one sequence alone: mlx-lm's generate_step ----------------------------------------------
 
@@ -366,12 +416,14 @@ class Engine:
             if response.finish_reason != "stop":
                 job.tokens.append(response.token)
             if response.finish_reason is not None:
-                del active[response.uid]
                 if response.all_tokens:
                     self._remember(generator, list(response.all_tokens), response.prompt_cache)
                 self._finish(job, response.finish_reason)
+                del active[response.uid]  # only now: should finishing fail, the job is still held
 
     def _finish(self, job: _Job, finish_reason: str) -> None:
+        if self._fault == "engine-death":
+            raise RuntimeError("injected fault (LLM_SERVER_FAULT=engine-death)")
         completion = Completion(
             tokens=job.tokens,
             prompt_tokens=len(job.prompt),

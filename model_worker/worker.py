@@ -5,12 +5,15 @@ the supervisor (or ``StartupFailed``, after which the supervisor exits non-zero)
 arrive on the HTTP pipe; each runs as its own asyncio task so tool calls of one request never
 hold up another request's generation. On ``Shutdown`` (or if the supervisor vanishes) it
 finishes what is in flight, frees the model on the MLX thread, stops the MCP servers and exits.
+If the engine's MLX thread dies instead, every request still open gets its failure at once, the
+MCP servers are stopped, and the process exits with ``ENGINE_DIED`` so the supervisor restarts it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from multiprocessing.connection import Connection
 from typing import Any
@@ -32,11 +35,13 @@ from supervisor.protocol import (
     Stopped,
 )
 
-from .engine import CancelledGeneration, Engine, ModelLoadError, SamplingSettings
+from .engine import CancelledGeneration, Engine, EngineDead, ModelLoadError, SamplingSettings
 from .mcp_host import MCPHost
 from .tool_loop import PromptTooLong, ToolLoop
 
 log = logging.getLogger("llm_server.worker")
+
+ENGINE_DIED = 70  # the worker's exit status when its MLX thread died (EX_SOFTWARE)
 
 
 def run_worker(
@@ -48,7 +53,9 @@ def run_worker(
 ) -> None:
     """Entry point of the spawned model-worker child."""
     prepare_child("model-worker", log_queue, config.log_level, output)
-    asyncio.run(Worker(config, http_conn, control_conn).run())
+    code = asyncio.run(Worker(config, http_conn, control_conn).run())
+    if code:
+        sys.exit(code)
 
 
 class Worker:
@@ -61,7 +68,8 @@ class Worker:
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.stopping = asyncio.Event()
 
-    async def run(self) -> None:
+    async def run(self) -> int:
+        """Serve until told to stop (0), or until the engine dies (``ENGINE_DIED``)."""
         loop = asyncio.get_running_loop()
         control = PipeChannel(self._control_conn, loop, self._on_control, self.stopping.set, "control")
         control.start()
@@ -80,7 +88,7 @@ class Worker:
             except ModelLoadError as exc:
                 log.error("%s", exc, exc_info=exc.__cause__)
                 await control.send(StartupFailed(StartupFailure.MODEL, str(exc)))
-                return
+                return 0
             self.loop_ = ToolLoop(
                 engine,
                 system_prompt=self.config.system_prompt,
@@ -92,13 +100,21 @@ class Worker:
             self.http.start()
             tools = len(host.tools())
             await control.send(Ready(self.config.model_name, engine.context_window, tools))
-            await self.stopping.wait()
+            died = asyncio.wrap_future(engine.died)
+            stop = asyncio.ensure_future(self.stopping.wait())
+            await asyncio.wait({died, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if died.done():
+                stop.cancel()
+                await self._fail_open_requests(f"the model engine died: {died.result()}")
+                log.critical("the model engine died: stopping MCP servers and exiting for a restart")
+                return ENGINE_DIED
             await self._drain()
             log.info("unloading model")
             await asyncio.to_thread(engine.stop)
             log.info("stopping MCP servers")
         log.info("MCP servers stopped")
         await control.send(Stopped("model unloaded, MCP servers stopped"))
+        return 0
 
     def _tool_host(self) -> MCPHost:
         """Every configured MCP server, started concurrently before the model loads."""
@@ -137,11 +153,23 @@ class Worker:
             return
         except CancelledGeneration:
             return
+        except EngineDead as exc:
+            await self.http.send(Failure(request.request_id, FailureCategory.INTERNAL, str(exc)))
+            return
         except Exception as exc:
             log.exception("generation failed")
             await self.http.send(Failure(request.request_id, FailureCategory.INTERNAL, f"generation failed: {exc}"))
             return
         await self.http.send(Reply(request.request_id, answer.text, answer.stats))
+
+    async def _fail_open_requests(self, why: str) -> None:
+        """After the engine's death: requests whose generation failed answer on their own within
+        a moment; the rest (e.g. waiting on a tool) are answered here and cancelled."""
+        if self.tasks:
+            await asyncio.wait(list(self.tasks.values()), timeout=1.0)
+        for request_id, task in list(self.tasks.items()):
+            await self.http.send(Failure(request_id, FailureCategory.INTERNAL, why))
+            task.cancel()
 
     async def _drain(self) -> None:
         """Let in-flight requests finish (the HTTP side has already drained, normally)."""

@@ -17,7 +17,7 @@ from typing import Iterator
 import pytest
 
 from model_worker.chat import first_messages, render
-from model_worker.engine import CancelledGeneration, Completion, Engine, SamplingSettings
+from model_worker.engine import CancelledGeneration, Completion, Engine, EngineDead, SamplingSettings
 
 GREEDY = SamplingSettings(temperature=0.0, top_p=1.0, min_p=0.0, min_tokens_to_keep=1)
 PROMPTS = ["Tell me about the sea.", "Tell me about the mountains.", "What is the capital of France?"]
@@ -119,3 +119,27 @@ def assert_cancelled(future: Future[Completion]) -> None:
         time.sleep(0.01)
     assert future.done()
     assert future.cancelled() or isinstance(future.exception(), CancelledGeneration)
+
+
+def test_death_of_the_mlx_thread_fails_everything_at_once(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scenario:
+    1. an engine whose MLX thread raises when a generation finishes (the test-only fault hook),
+       outside any decode step;
+    2. three requests in flight (one alone, two joining it): all fail with ``EngineDead`` naming
+       the cause, none is left waiting;
+    3. ``died`` resolves with the cause, and a later ``submit`` fails at once.
+    """
+    monkeypatch.setenv("LLM_SERVER_FAULT", "engine-death")
+    engine = Engine(str(tiny_model), GREEDY, 8, 0)
+    engine.start().result(120)
+    prompts = [ids(engine, p) for p in PROMPTS]  # the tokenizer goes with the dead thread
+    futures = [engine.submit(prompts[0], 400)]
+    time.sleep(0.1)
+    futures += [engine.submit(p, 30) for p in prompts[1:]]
+    for future in futures:
+        with pytest.raises(EngineDead, match="injected fault"):
+            future.result(60)
+    assert "injected fault" in str(engine.died.result(10))
+    later = engine.submit(prompts[0], 5)
+    assert later.done() and isinstance(later.exception(), EngineDead)
+    engine.stop(10)

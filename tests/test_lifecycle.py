@@ -122,6 +122,45 @@ def test_model_that_fails_to_load_exits_3_without_opening_the_port(
     assert "exit code 3" in daemon.output()
 
 
+def test_failure_while_preparing_the_loaded_model_exits_3(make_daemon: Callable[..., Daemon]) -> None:
+    """Scenario:
+    1. the model loads, then preparing it for generation fails (test-only fault hook);
+    2. the daemon exits 3, as for a model that cannot be loaded, with the reason in the log.
+    """
+    daemon = make_daemon(env={"LLM_SERVER_FAULT": "prepare"}).start()
+    assert daemon.wait_exit() == 3
+    log = daemon.log_text()
+    assert "cannot prepare model" in log and "injected fault" in log
+    assert "serving on" not in log
+
+
+def test_death_of_the_engine_thread_fails_requests_and_restarts_the_worker(
+    make_daemon: Callable[..., Daemon],
+) -> None:
+    """Scenario:
+    1. the MLX thread raises when a generation finishes, outside any decode step (test-only
+       fault hook): before, the thread died silently and every request waited forever;
+    2. three concurrent requests all get a 500 JSON error naming the cause, within seconds;
+    3. the worker exits non-zero, the supervisor logs it and restarts the children;
+    4. SIGTERM still stops the daemon with exit 0.
+    """
+    daemon = make_daemon(max_tokens=200, env={"LLM_SERVER_FAULT": "engine-death"}).start().wait_serving()
+    started = time.monotonic()
+    threads, results = ask_in_background(daemon, ["one", "two", "three"])
+    for t in threads:
+        t.join(60)
+    assert time.monotonic() - started < 30
+    for result in results.values():
+        assert isinstance(result, HttpResult) and result.status == 500, result
+        assert "engine died" in result.json()["Error"] and "injected fault" in result.json()["Error"]
+    daemon.wait_log("the MLX thread died")
+    daemon.wait_log("died with exit code 70")
+    daemon.wait_log("restarting children")
+    daemon.wait_log("serving on", count=2, timeout=90)
+    daemon.signal()
+    assert daemon.wait_exit() == 0
+
+
 def test_missing_listening_port_is_logged_and_exits_2(make_daemon: Callable[..., Daemon], tiny_model: Path) -> None:
     config = base_config(tiny_model, 1)
     del config["listening_port"]

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Benchmarks, by hand: `bash bench/run.sh --compare [bench/compare.py options]` (llm-server against
-# mlx-lm's own limits and mlx_lm.server), `bash bench/run.sh [bench/throughput.py options]`, or
-# `bash bench/run.sh --prompt-cache [bench/prompt_cache.py options]`. Reports; asserts nothing.
+# Benchmarks, by hand; each reports and asserts nothing:
+#   bash bench/run.sh --compare [bench/compare.py options]   llm-server vs mlx-lm's limits and mlx_lm.server
+#   bash bench/run.sh --profile [bench/profile.py options]   py-spy of the worker and HTTP process under load
+#   bash bench/run.sh [bench/throughput.py options]          batched vs one at a time
+#   bash bench/run.sh --prompt-cache [bench/prompt_cache.py options]
 #
 # On Linux, MLX's CPU wheel ships a slow built-in BLAS with which batching gains nothing; Debian's
 # OpenBLAS, preloaded, is ~20x faster on float32 matmuls. This script fetches it (apt-get
@@ -15,7 +17,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 mkdir -p .test-deps
 # MLX's backend on Linux is an extra: cpu by default, LLM_SERVER_BACKEND=cuda on an NVIDIA machine.
-if ! .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[${LLM_SERVER_BACKEND:-cpu}]" >.test-deps/pip.log 2>&1; then
+if ! .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[${LLM_SERVER_BACKEND:-cpu},bench]" >.test-deps/pip.log 2>&1; then
     cat .test-deps/pip.log >&2
     exit 1
 fi
@@ -42,6 +44,10 @@ export HF_HUB_OFFLINE=1
 if [ "${1:-}" = --compare ]; then
     shift
     exec .venv/bin/python bench/compare.py "$@"
+fi
+if [ "${1:-}" = --profile ]; then
+    shift
+    exec .venv/bin/python bench/profile.py "$@"
 fi
 if [ "${1:-}" = --prompt-cache ]; then
     shift

@@ -22,8 +22,11 @@ Crash-only. A failed decode step fails only the requests in that batch. Anything
 the MLX thread (a bug outside a step, a failure while finishing or cancelling) is its death: every
 request it holds or has queued fails at once with ``EngineDead``, later ``submit`` calls fail at
 once, and ``died`` resolves with the cause so the worker can exit non-zero and be restarted.
+A thread that is alive but stuck (a step that never returns) is the supervisor's to find:
+``stalled_for`` says how long work has been pending without the thread making progress.
 ``LLM_SERVER_FAULT`` (unset in normal use) injects such faults for the tests: ``engine-death``
-raises on the MLX thread when a generation finishes, ``prepare`` right after the model loads.
+raises on the MLX thread when a generation finishes, ``engine-stall`` blocks it forever at its
+first decode step, ``prepare`` raises right after the model loads.
 
 Prompt cache. Every finished generation leaves its KV cache in mlx-lm's ``LRUPromptCache``
 (bounded by ``prompt_cache_mb``), keyed by its tokens. A new prompt starts from the cache of the
@@ -112,6 +115,9 @@ class Engine:
         self._death: EngineDead | None = None
         self._death_lock = threading.Lock()  # no job is queued after the dead thread's last look
         self._fault = os.environ.get("LLM_SERVER_FAULT", "")
+        # Written by the MLX thread, read by the worker's event loop (plain attributes: atomic).
+        self._busy = False  # sequences in flight
+        self._progress = time.monotonic()  # when the MLX thread last finished a step
         self._thread = threading.Thread(target=self._run, name="mlx", daemon=True)
 
     # --- called from other threads ------------------------------------------------------------
@@ -134,6 +140,12 @@ class Engine:
     def cancel(self, future: Future[Completion]) -> None:
         """Drop a submitted generation from the batch (the client went away)."""
         self._inbox.put(_Cancel(future))
+
+    def stalled_for(self) -> float:
+        """Seconds the MLX thread has had work without finishing a step (0 when idle or moving)."""
+        if not self._busy and self._inbox.empty():
+            return 0.0
+        return max(0.0, time.monotonic() - self._progress)
 
     def stop(self, timeout: float | None = None) -> None:
         """Finish queued work, free the model on its own thread, and join it."""
@@ -230,7 +242,9 @@ class Engine:
         try:
             while not stopping or active or solo:
                 # Block only when there is nothing to decode.
-                items = [self._inbox.get()] if not (active or solo) else []
+                self._busy = bool(active or solo)
+                items = [self._inbox.get()] if not self._busy else []
+                self._progress = time.monotonic()
                 while not self._inbox.empty():
                     items.append(self._inbox.get_nowait())
                 arrived = []
@@ -258,6 +272,10 @@ class Engine:
                             solo = None
                         for job in arrived:
                             self._insert(generator, active, job)
+                self._busy = bool(active or solo)
+                if self._fault == "engine-stall" and self._busy:
+                    while True:  # a step that never returns
+                        time.sleep(1)
                 if solo is not None:
                     if self._step_solo(generator, solo):
                         solo = None
@@ -299,12 +317,16 @@ class Engine:
                 max_tokens=job.max_tokens,
                 sampler=self._sampler,
                 prompt_cache=cache,
+                prompt_progress_callback=self._prefilled,  # a long prompt is progress too
             )
         except Exception as exc:
             job.future.set_exception(exc)
             return None
         log.debug("sequence runs alone")
         return _Solo(job, cache, steps, list(job.prompt))
+
+    def _prefilled(self, done: int, total: int) -> None:
+        self._progress = time.monotonic()
 
     def _step_solo(self, generator: Any, solo: _Solo) -> bool:
         """One token of the lone sequence; True when it is finished (or failed)."""

@@ -12,7 +12,10 @@ MCP servers are stopped, and the process exits with ``ENGINE_DIED`` so the super
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
+import os
+import signal
 import sys
 import time
 from multiprocessing.connection import Connection
@@ -27,6 +30,8 @@ from supervisor.protocol import (
     Failure,
     FailureCategory,
     Generate,
+    Ping,
+    Pong,
     Ready,
     Reply,
     Shutdown,
@@ -53,6 +58,9 @@ def run_worker(
 ) -> None:
     """Entry point of the spawned model-worker child."""
     prepare_child("model-worker", log_queue, config.log_level, output)
+    # The supervisor asks for every thread's stack (to its log, through fd 2) before killing a
+    # worker it found stuck.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     code = asyncio.run(Worker(config, http_conn, control_conn).run())
     if code:
         sys.exit(code)
@@ -67,14 +75,16 @@ class Worker:
         self._control_conn = control_conn
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.stopping = asyncio.Event()
+        self.engine: Engine | None = None
+        self.control: PipeChannel | None = None
 
     async def run(self) -> int:
         """Serve until told to stop (0), or until the engine dies (``ENGINE_DIED``)."""
         loop = asyncio.get_running_loop()
-        control = PipeChannel(self._control_conn, loop, self._on_control, self.stopping.set, "control")
+        control = self.control = PipeChannel(self._control_conn, loop, self._on_control, self.stopping.set, "control")
         control.start()
         async with self._tool_host() as host:
-            engine = Engine(
+            engine = self.engine = Engine(
                 self.config.model_name,
                 SamplingSettings(
                     self.config.temperature, self.config.top_p, self.config.min_p, self.config.min_tokens_to_keep
@@ -127,11 +137,20 @@ class Worker:
         )
 
     def _on_control(self, message: Any) -> None:
-        if isinstance(message, Shutdown):
+        if isinstance(message, Ping):
+            # Answered from the event loop itself: a Pong proves it runs, and carries the engine's
+            # own account of its progress.
+            stalled = self.engine.stalled_for() if self.engine is not None else 0.0
+            assert self.control is not None
+            self.control.send_soon(Pong(message.seq, stalled))
+        elif isinstance(message, Shutdown):
             log.info("shutdown requested: %d request(s) in flight", len(self.tasks))
             self.stopping.set()
 
     def _on_request(self, message: Any) -> None:
+        if os.environ.get("LLM_SERVER_FAULT") == "loop-stall":  # test-only: the event loop hangs
+            while True:
+                time.sleep(1)
         if isinstance(message, Generate):
             task = asyncio.get_running_loop().create_task(self._serve(message))
             self.tasks[message.request_id] = task

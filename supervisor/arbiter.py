@@ -4,8 +4,19 @@ The arbiter owns both child processes and the order of things. Start: model work
 starts the MCP servers and loads the model), and only after its ``Ready`` the HTTP process,
 which binds the port. Stop: the HTTP process closes its listener and drains, then the worker
 frees the model and stops the MCP servers, each step with a deadline after which the child is
-killed; a second signal takes that fast path at once. Signal handlers only record the signal;
-the loop below acts on it.
+killed.
+
+It is an explicit state machine (``State``: starting, serving, restarting, stopping). Signal
+handlers only record the signal and wake the loop; at every wake-up the loop takes *all* pending
+signals, in order, and what each means depends on the state: the first SIGTERM/SIGINT in any
+state asks for the ordered stop (while starting or restarting too: whatever was being started is
+stopped, exit 0); one more while stopping kills the children at once. Restarts are budgeted:
+``worker_restarts`` within any ``worker_restart_window_s``, then the daemon gives up (exit 5/6).
+
+Liveness: while serving, the worker is pinged over its control pipe. A worker whose event loop
+does not answer for ``worker_stall_timeout_s``, or whose MLX thread reports work pending without
+progress for that long, is stuck though alive: it is asked for its threads' stacks (SIGUSR1,
+``faulthandler``, into the log), killed and restarted like a dead one.
 """
 
 from __future__ import annotations
@@ -16,6 +27,7 @@ import multiprocessing
 import os
 import signal
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
@@ -26,7 +38,7 @@ from model_worker.worker import run_worker
 from .config import Config
 from .http_process import bind_socket, run_http
 from .logs import LogHub, StreamPump
-from .protocol import Listening, Ready, Shutdown, StartupFailed, StartupFailure, Stopped
+from .protocol import Listening, Ping, Pong, Ready, Shutdown, StartupFailed, StartupFailure, Stopped
 
 log = logging.getLogger("llm_server.supervisor")
 
@@ -48,6 +60,15 @@ _STARTUP_EXIT = {
     StartupFailure.BIND: ExitCode.PORT,
     StartupFailure.INTERNAL: ExitCode.INTERNAL,
 }
+
+
+class State(enum.Enum):
+    """Where the arbiter is; decides what a signal means."""
+
+    STARTING = "starting"
+    SERVING = "serving"
+    RESTARTING = "restarting"
+    STOPPING = "stopping"
 
 
 class Fatal(Exception):
@@ -98,7 +119,13 @@ class Arbiter:
         self.signals: list[int] = []
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
-        self.restarts_left = config.worker_restarts
+        self.state = State.STARTING
+        self.stop_reason: str | None = None  # set by the first SIGTERM/SIGINT
+        self.kill_now = False  # set by a signal after that
+        self.restart_times: deque[float] = deque()  # monotonic times of restarts in the window
+        self.pings = 0
+        self.engine_stalled_s = 0.0  # from the worker's last Pong
+        self.last_pong = time.monotonic()  # when the serving worker last answered a ping
 
     # --- signals ------------------------------------------------------------------------------
 
@@ -114,12 +141,25 @@ class Arbiter:
         except OSError:
             pass
 
-    def _take_signal(self) -> int | None:
+    def take_signals(self) -> None:
+        """Act on every signal recorded since the last wake-up, in order (never just one)."""
         try:
-            os.read(self._wake_r, 1024)
+            while os.read(self._wake_r, 1024):
+                pass
         except BlockingIOError:
             pass
-        return self.signals.pop(0) if self.signals else None
+        while self.signals:
+            name = signal.Signals(self.signals.pop(0)).name
+            if self.stop_reason is None:
+                self.stop_reason = f"received {name}"
+                log.info("received %s while %s: stopping", name, self.state.value)
+            elif not self.kill_now:
+                self.kill_now = True
+                log.warning("received %s while %s: killing the children now", name, self.state.value)
+
+    def _enter(self, state: State) -> None:
+        log.debug("state: %s -> %s", self.state.value, state.value)
+        self.state = state
 
     # --- the main sequence --------------------------------------------------------------------
 
@@ -130,7 +170,7 @@ class Arbiter:
         try:
             self.check_port_free()
             if not self.start_children():
-                return self.shutdown(ExitCode.OK, "signal during start-up")
+                return self.shutdown(ExitCode.OK, self.stop_reason or "stopped during start-up")
             return self.watch()
         except Fatal as exc:
             log.error("%s", exc)
@@ -148,6 +188,8 @@ class Arbiter:
 
     def start_children(self) -> bool:
         """Worker, wait for ``Ready``, then HTTP, wait for ``Listening``. False on a signal."""
+        if self.stop_reason is not None:
+            return False
         self.spawn_worker()
         ready = self.await_message(self.worker, Ready)
         if ready is None:
@@ -164,6 +206,8 @@ class Arbiter:
         if listening is None:
             return False
         log.info("serving on http://%s:%d", listening.host, listening.port)
+        self._enter(State.SERVING)
+        self.last_pong = time.monotonic()
         return True
 
     def spawn_worker(self) -> None:
@@ -201,9 +245,10 @@ class Arbiter:
         """Wait for ``expected`` from a starting child; None if a signal came first."""
         while True:
             ready = wait([self._wake_r, *child.readables()])
-            if self._wake_r in ready and (signum := self._take_signal()) is not None:
-                log.info("received %s during start-up", signal.Signals(signum).name)
-                return None
+            if self._wake_r in ready:
+                self.take_signals()
+                if self.stop_reason is not None:
+                    return None
             message = None
             if child.control in ready:
                 message = child.receive()
@@ -222,12 +267,25 @@ class Arbiter:
                 )
 
     def watch(self) -> int:
-        """Serve until a signal; restart the worker (and HTTP with it) if it dies."""
+        """Serve until a signal; restart the worker (and HTTP with it) if it dies or is stuck."""
+        stall_s = self.config.worker_stall_timeout_s
+        ping_every = min(5.0, stall_s / 4)
+        next_ping = time.monotonic()
         while True:
             assert self.worker is not None and self.http is not None
-            ready = wait([self._wake_r, *self.worker.readables(), *self.http.readables()])
-            if self._wake_r in ready and (signum := self._take_signal()) is not None:
-                return self.shutdown(ExitCode.OK, f"received {signal.Signals(signum).name}")
+            if time.monotonic() >= next_ping:
+                self.pings += 1
+                try:
+                    self.worker.control.send(Ping(self.pings))
+                except (OSError, ValueError):
+                    pass  # a dead worker is seen through its sentinel
+                next_ping = time.monotonic() + ping_every
+            timeout = max(0.0, next_ping - time.monotonic())
+            ready = wait([self._wake_r, *self.worker.readables(), *self.http.readables()], timeout=timeout)
+            if self._wake_r in ready:
+                self.take_signals()
+                if self.stop_reason is not None:
+                    return self.shutdown(ExitCode.OK, self.stop_reason)
             for child in (self.worker, self.http):
                 if child.control in ready:
                     self._drain_control(child)
@@ -243,28 +301,72 @@ class Arbiter:
                     f"http process (pid {self.http.pid}) died with exit code {self.http.process.exitcode}",
                     ExitCode.HTTP_DIED,
                 )
+            elif (stuck := self._stuck(stall_s)) is not None:
+                self.kill_stuck_worker(stuck)
+                self.recover(f"model worker (pid {self.worker.pid}) was stuck and killed", ExitCode.WORKER_DIED)
 
     def _drain_control(self, child: Child) -> None:
         message = child.receive()
-        if message is not None:
+        if isinstance(message, Pong):
+            self.last_pong = time.monotonic()
+            self.engine_stalled_s = message.engine_stalled_s
+        elif message is not None:
             log.info("%s says %r", child.role, message)
 
+    def _stuck(self, stall_s: float) -> str | None:
+        """Why the serving worker counts as stuck, or None."""
+        silent = time.monotonic() - self.last_pong
+        if silent > stall_s:
+            return f"its event loop has not answered a ping for {silent:.0f} s"
+        if self.engine_stalled_s > stall_s:
+            return f"its MLX thread has had work without progress for {self.engine_stalled_s:.0f} s"
+        return None
+
+    def kill_stuck_worker(self, why: str) -> None:
+        """Log the stacks of every thread of the stuck worker, then kill it."""
+        assert self.worker is not None
+        pid = self.worker.pid
+        log.error(
+            "model worker (pid %s) is stuck: %s (worker_stall_timeout_s=%g); its threads:",
+            pid, why, self.config.worker_stall_timeout_s,
+        )  # fmt: skip
+        if pid is not None:
+            try:
+                os.kill(pid, signal.SIGUSR1)  # faulthandler writes every stack to fd 2 -> the log
+            except ProcessLookupError:
+                pass
+            self.worker.process.join(1.0)
+        self.worker.process.kill()
+        self.worker.process.join()
+        self.engine_stalled_s = 0.0
+
     def recover(self, what: str, code: ExitCode) -> None:
-        """A child died: restart both (the port closes briefly) or give up if out of restarts."""
+        """A child died: restart both (the port closes briefly), within the restart budget."""
         log.error("%s", what)
-        if self.restarts_left <= 0:
-            raise Fatal(code, f"{what}; no restarts left (worker_restarts={self.config.worker_restarts})")
-        self.restarts_left -= 1
-        log.warning("restarting children (%d restart(s) left)", self.restarts_left)
+        now = time.monotonic()
+        window = self.config.worker_restart_window_s
+        while self.restart_times and now - self.restart_times[0] > window:
+            self.restart_times.popleft()
+        if len(self.restart_times) >= self.config.worker_restarts:
+            raise Fatal(
+                code,
+                f"{what}; no restarts left ({self.config.worker_restarts} in the last {window:g} s, "
+                "worker_restarts / worker_restart_window_s)",
+            )
+        self.restart_times.append(now)
+        left = self.config.worker_restarts - len(self.restart_times)
+        self._enter(State.RESTARTING)
+        log.warning("restarting children (%d more restart(s) allowed within %g s)", left, window)
         self.stop_http("restart")
         self.stop_worker("restart")
         if not self.start_children():
-            raise Fatal(ExitCode.OK, "signal during restart")
+            raise Fatal(ExitCode.OK, self.stop_reason or "stopped during restart")
 
     # --- stopping -----------------------------------------------------------------------------
 
     def shutdown(self, code: ExitCode, why: str) -> int:
         """The ordered stop: HTTP drains, then the worker unloads; every step logged."""
+        self._enter(State.STOPPING)
         log.info("shutdown (%s): step 1/3: closing the listener and draining in-flight requests", why)
         self.stop_http(why)
         log.info("shutdown: step 2/3: stopping the model worker (unload model, stop MCP servers)")
@@ -286,7 +388,7 @@ class Arbiter:
             self.http_pipe_end = None
 
     def _stop_child(self, child: Child, deadline_s: float) -> None:
-        """Ask politely, wait up to the deadline, then SIGKILL. A signal meanwhile kills now."""
+        """Ask politely, wait up to the deadline, then SIGKILL; at once after a second signal."""
         process = child.process
         if process.is_alive():
             try:
@@ -295,16 +397,18 @@ class Arbiter:
                 pass
             deadline = time.monotonic() + deadline_s
             while process.is_alive():
+                if self.kill_now:
+                    log.warning("killing %s (pid %s) now", child.role, child.pid)
+                    process.kill()
+                    break
                 left = deadline - time.monotonic()
                 if left <= 0:
                     log.error("%s (pid %s) did not stop within %.0f s: killing it", child.role, child.pid, deadline_s)
                     process.kill()
                     break
                 ready = wait([self._wake_r, *child.readables()], timeout=left)
-                if self._wake_r in ready and self._take_signal() is not None:
-                    log.warning("second signal: killing %s (pid %s) now", child.role, child.pid)
-                    process.kill()
-                    break
+                if self._wake_r in ready:
+                    self.take_signals()  # a first signal (while restarting) lets this stop go on
                 if child.control in ready:
                     message = child.receive()
                     if isinstance(message, Stopped):

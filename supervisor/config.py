@@ -62,6 +62,9 @@ class Config:
     prompt_cache_mb: int = 1024
     shutdown_timeout_s: float = 600.0
     worker_restarts: int = 3
+    worker_restart_window_s: float = 3600.0
+    worker_stall_timeout_s: float = 300.0
+    request_timeout_s: float = 3600.0
     config_path: Path = field(default=Path("config.json"), compare=False)
 
 
@@ -113,6 +116,9 @@ def parse_config(raw: dict[str, Any], path: Path, log_filename: Path) -> Config:
         prompt_cache_mb=check.integer("prompt_cache_mb", 0, 1_000_000, default=1024),
         shutdown_timeout_s=check.number("shutdown_timeout_s", 0.0, 86400.0, True, 600.0),
         worker_restarts=check.integer("worker_restarts", 0, 1000, default=3),
+        worker_restart_window_s=check.number("worker_restart_window_s", 0.0, 365 * 86400.0, True, 3600.0),
+        worker_stall_timeout_s=check.number("worker_stall_timeout_s", 0.0, 86400.0, True, 300.0),
+        request_timeout_s=check.number("request_timeout_s", 0.0, 7 * 86400.0, True, 3600.0),
         config_path=path,
     )
 

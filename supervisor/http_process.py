@@ -162,7 +162,9 @@ def build_app(config: Config, gateway: Gateway) -> Sanic:
     """The Sanic application: one route, JSON everywhere, errors as ``{"Error": ...}``."""
     app = Sanic("llm_server", configure_logging=False, dumps=_dumps)
     app.config.REQUEST_MAX_SIZE = MAX_BODY_BYTES
-    app.config.RESPONSE_TIMEOUT = 24 * 3600  # generations are bounded by max_tokens and tool timeouts
+    # A stuck worker is the supervisor's to detect (worker_stall_timeout_s); this is the client's
+    # own bound on one request, answered 503 when it passes (and the generation is cancelled).
+    app.config.RESPONSE_TIMEOUT = config.request_timeout_s
     app.config.GRACEFUL_SHUTDOWN_TIMEOUT = config.shutdown_timeout_s
     app.config.MOTD = False
 

@@ -127,6 +127,22 @@ class Shutdown:
 
 
 @dataclass(frozen=True)
+class Ping:
+    """Supervisor -> worker, while serving: answer with a ``Pong`` (proves the event loop runs)."""
+
+    seq: int
+
+
+@dataclass(frozen=True)
+class Pong:
+    """Worker -> supervisor: the answer to ``Ping`` ``seq``, with how long the MLX thread has had
+    work pending without making progress (0 when it is idle or moving)."""
+
+    seq: int
+    engine_stalled_s: float
+
+
+@dataclass(frozen=True)
 class Stopped:
     """Child -> supervisor: the child finished its shutdown sequence; ``detail`` says how."""
 

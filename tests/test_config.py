@@ -39,6 +39,8 @@ def test_valid_config_with_defaults(tmp_path: Path) -> None:
     assert config.tool_timeout_s == 60.0
     assert config.mcp_startup_timeout_s == 30.0
     assert config.prompt_cache_mb == 1024
+    assert config.worker_restarts == 3 and config.worker_restart_window_s == 3600.0
+    assert config.worker_stall_timeout_s == 300.0 and config.request_timeout_s == 3600.0
     assert config.log_filename == tmp_path.resolve() / "server.log"
 
 
@@ -61,6 +63,8 @@ def test_every_key_is_required(tmp_path: Path, key: str) -> None:
         ("servers", []), ("servers", {"a": {"type": "carrier-pigeon"}}), ("servers", {"a": {"type": "sse"}}),
         ("servers", {"a": {"command": "x", "args": "not a list"}}),
         ("max_tokens", 0), ("listening_host", ""), ("prompt_cache_mb", -1), ("prompt_cache_mb", 1.5),
+        ("worker_restart_window_s", 0), ("worker_restart_window_s", "1h"),
+        ("worker_stall_timeout_s", 0), ("request_timeout_s", -1),
     ],
 )
 def test_bad_values_name_the_key(tmp_path: Path, key: str, value: object) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -120,6 +121,120 @@ def test_model_that_fails_to_load_exits_3_without_opening_the_port(
     assert "cannot load model" in log and "No safetensors found" in log
     assert "serving on" not in log
     assert "exit code 3" in daemon.output()
+
+
+def worker_pid(daemon: Daemon) -> int:
+    (pid,) = [p for p in daemon.descendants() if cmdline(p) == "llm-server: model-worker"]
+    return pid
+
+
+def test_sigterm_during_a_restart_stops_the_daemon(make_daemon: Callable[..., Daemon]) -> None:
+    """Scenario:
+    1. the model worker is killed: the supervisor starts restarting the children;
+    2. SIGTERM arrives during the restart (before, it was taken for a "second signal", the
+       restart went on and the daemon kept serving);
+    3. the daemon stops in order and exits 0, and never serves again.
+    """
+    daemon = make_daemon().start().wait_serving()
+    os.kill(worker_pid(daemon), signal.SIGKILL)
+    daemon.wait_log("restarting children")
+    daemon.signal()
+    assert daemon.wait_exit() == 0
+    log = daemon.log_text()
+    assert "received SIGTERM while restarting: stopping" in log
+    assert log.count("serving on") == 1
+    assert "killing" not in log
+
+
+def test_two_signals_in_one_wake_up_kill_at_once(make_daemon: Callable[..., Daemon]) -> None:
+    """Scenario:
+    1. a long generation is in flight (20,000 tokens: far longer than this test waits);
+    2. SIGTERM and SIGINT back to back (two different signals: the kernel merges a pending signal
+       with its own repeat), so both are pending at the same wake-up (before, the second was
+       dropped and the drain waited for the generation);
+    3. the first starts the ordered stop, the second kills the children at once: the daemon is
+       gone within seconds, exit 0, and the client gets no answer.
+    """
+    daemon = make_daemon(max_tokens=20_000).start().wait_serving()
+    threads, results = ask_in_background(daemon, ["a very long story"])
+    daemon.wait_log("request from")
+    time.sleep(0.5)
+    started = time.monotonic()
+    daemon.signal(signal.SIGTERM)
+    daemon.signal(signal.SIGINT)
+    assert daemon.wait_exit(30) == 0
+    assert time.monotonic() - started < 15
+    threads[0].join(10)
+    assert not isinstance(results[0], HttpResult) or results[0].status != 200
+    log = daemon.log_text()
+    # Both pending at once: the kernel delivers them in its own order (SIGINT first, usually).
+    assert re.search(r"received SIG(TERM|INT) while serving: stopping", log), log
+    assert re.search(r"received SIG(TERM|INT) while (serving|stopping): killing the children now", log), log
+
+
+def test_restart_budget_refills_after_its_window(make_daemon: Callable[..., Daemon]) -> None:
+    """Scenario (``worker_restarts`` 1 within ``worker_restart_window_s`` 8):
+    1. the worker is killed: restarted (the one restart of the window);
+    2. once that restart is older than the window, it is killed again: restarted again (before,
+       the budget never refilled and this exited 5);
+    3. killed once more within the window: no restart left, exit 5.
+    """
+    daemon = make_daemon(worker_restarts=1, worker_restart_window_s=8).start().wait_serving()
+    os.kill(worker_pid(daemon), signal.SIGKILL)
+    daemon.wait_log("serving on", count=2, timeout=90)
+    time.sleep(8.5)
+    os.kill(worker_pid(daemon), signal.SIGKILL)
+    daemon.wait_log("serving on", count=3, timeout=90)
+    assert daemon.ask("still here?").status == 200
+    os.kill(worker_pid(daemon), signal.SIGKILL)
+    assert daemon.wait_exit() == 5
+    assert "no restarts left (1 in the last 8 s" in daemon.log_text()
+
+
+@pytest.mark.parametrize(
+    ("fault", "why"),
+    [
+        ("engine-stall", "its MLX thread has had work without progress"),
+        ("loop-stall", "its event loop has not answered a ping"),
+    ],
+)
+def test_stuck_worker_is_dumped_killed_and_restarted(make_daemon: Callable[..., Daemon], fault: str, why: str) -> None:
+    """Scenario (``worker_stall_timeout_s`` 2, test-only fault hook):
+    1. a request makes the worker stuck though alive: its MLX thread blocks in a step, or its
+       event loop blocks (before, the request waited 24 h and nobody noticed);
+    2. within seconds the supervisor logs why, and the worker's thread stacks (faulthandler);
+    3. it kills the worker: the request gets a 500, and the children are restarted;
+    4. SIGTERM still stops the daemon with exit 0.
+    """
+    daemon = make_daemon(worker_stall_timeout_s=2, env={"LLM_SERVER_FAULT": fault}).start().wait_serving()
+    started = time.monotonic()
+    result = daemon.ask("hello", timeout=60)
+    assert result.status == 500, result
+    assert time.monotonic() - started < 20
+    daemon.wait_log("restarting children")
+    log = daemon.log_text()
+    assert "is stuck: " + why in log
+    assert "most recent call first" in log and "engine.py" in log and "worker.py" in log
+    daemon.wait_log("serving on", count=2, timeout=90)
+    daemon.signal()
+    assert daemon.wait_exit() == 0
+
+
+def test_request_longer_than_request_timeout_gets_503_and_is_cancelled(make_daemon: Callable[..., Daemon]) -> None:
+    """Scenario (``request_timeout_s`` 2):
+    1. a request whose generation takes far longer (20,000 tokens);
+    2. after 2 s it is answered 503 with a JSON error (before: a fixed 24 h deadline);
+    3. its generation is cancelled in the worker, and the daemon goes on serving (the next
+       request is cut at the same deadline).
+    """
+    daemon = make_daemon(max_tokens=20_000, request_timeout_s=2).start().wait_serving()
+    started = time.monotonic()
+    result = daemon.ask("a very long story", timeout=60)
+    assert result.status == 503 and "Error" in result.json(), result
+    assert time.monotonic() - started < 15
+    daemon.wait_log("generation cancelled after")
+    assert daemon.ask("another long story", timeout=60).status == 503
+    daemon.wait_log("generation cancelled after", count=2)
 
 
 def test_failure_while_preparing_the_loaded_model_exits_3(make_daemon: Callable[..., Daemon]) -> None:

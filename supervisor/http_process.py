@@ -19,7 +19,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from sanic import Request, Sanic
-from sanic.exceptions import SanicException
+from sanic.exceptions import NotFound, SanicException
 from sanic.response import HTTPResponse
 from sanic.response import json as json_response
 
@@ -187,6 +187,8 @@ def build_app(config: Config, gateway: Gateway) -> Sanic:
 
     @app.post("/")
     async def generate(request: Request) -> HTTPResponse:
+        if request.path != "/":  # Sanic's router also matches "//" here; the contract names "/" only
+            raise NotFound(f"Requested URL {request.path} not found")
         request_id = uuid.uuid4().hex[:16]
         current_request.set(request_id)
         started = time.monotonic()

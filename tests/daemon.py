@@ -196,24 +196,32 @@ def raw_exchange(port: int, head: bytes, chunks: Iterable[bytes], timeout: float
                 sock.sendall(chunk)
         except (BrokenPipeError, ConnectionResetError):
             pass
-        data = b""
-        try:
-            while True:
-                piece = sock.recv(65536)
-                if not piece:
-                    break
-                data += piece
-                if _complete(data):
-                    break
-        except (ConnectionResetError, socket.timeout):
-            pass
-    return _parse_response(data)
+        data = read_answer(sock)
+    return parse_response(data)
 
 
-def _complete(data: bytes) -> bool:
+def read_answer(sock: socket.socket, head_only: bool = False) -> bytes:
+    """Read one HTTP response (just its head for a HEAD request), or what came before EOF."""
+    data = b""
+    try:
+        while True:
+            piece = sock.recv(65536)
+            if not piece:
+                break
+            data += piece
+            if _complete(data, head_only):
+                break
+    except (ConnectionResetError, socket.timeout):
+        pass
+    return data
+
+
+def _complete(data: bytes, head_only: bool = False) -> bool:
     head, sep, body = data.partition(b"\r\n\r\n")
     if not sep:
         return False
+    if head_only:
+        return True
     for line in head.split(b"\r\n")[1:]:
         name, _, value = line.partition(b":")
         if name.strip().lower() == b"content-length":
@@ -221,7 +229,7 @@ def _complete(data: bytes) -> bool:
     return False
 
 
-def _parse_response(data: bytes) -> HttpResult:
+def parse_response(data: bytes) -> HttpResult:
     head, _, body = data.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     if not lines or not lines[0].startswith("HTTP/"):

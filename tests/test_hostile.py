@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from daemon import Daemon, HttpResult, base_config, free_port
+from daemon import Daemon, HttpResult, base_config, free_port, parse_response, read_answer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -181,37 +181,8 @@ def send(port: int, attack: Attack) -> HttpResult | None:
                 sock.shutdown(socket.SHUT_WR)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the server answered and closed before reading everything (413): read the answer
-        data = b""
-        try:
-            while True:
-                piece = sock.recv(65536)
-                if not piece:
-                    break
-                data += piece
-                if response_complete(data, attack.method):
-                    break
-        except ConnectionResetError:
-            pass
-    if not data:
-        return None
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    assert lines[0].startswith("HTTP/1.1 "), data[:300]
-    headers = {n.strip().lower(): v.strip() for n, _, v in (line.partition(":") for line in lines[1:])}
-    return HttpResult(int(lines[0].split()[1]), headers, body)
-
-
-def response_complete(data: bytes, method: str) -> bool:
-    head, sep, body = data.partition(b"\r\n\r\n")
-    if not sep:
-        return False
-    if method == "HEAD":
-        return True
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            return len(body) >= int(value.strip())
-    return False
+        data = read_answer(sock, head_only=attack.method == "HEAD")
+    return parse_response(data) if data else None
 
 
 @pytest.fixture(scope="module")

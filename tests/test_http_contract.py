@@ -125,6 +125,12 @@ def test_other_paths_get_404(daemon: Daemon, method: str) -> None:
     assert_json_error(daemon.request(method, "/v1/chat", b'{"prompt": "x"}' if method == "POST" else None), 404)
 
 
+@pytest.mark.parametrize("path", ["//", "///"])
+def test_doubled_slashes_are_another_path(daemon: Daemon, path: str) -> None:
+    """Found by the hostile-input campaign: Sanic's router matched "//" to "/"."""
+    assert_json_error(daemon.request("POST", path, b'{"prompt": "x"}'), 404)
+
+
 def test_thirty_concurrent_clients_are_all_answered(daemon: Daemon) -> None:
     results: dict[int, object] = {}
 

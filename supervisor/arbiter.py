@@ -21,6 +21,7 @@ progress for that long, is stuck though alive: it is asked for its threads' stac
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import multiprocessing
@@ -31,12 +32,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
-from typing import Any, Callable
+from typing import Any
 
-from model_worker.worker import run_worker
-
+from .child import run_child
 from .config import Config
-from .http_process import bind_socket, run_http
+from .listen import bind_socket
 from .logs import LogHub, StreamPump
 from .protocol import Listening, Ping, Pong, Ready, Shutdown, StartupFailed, StartupFailure, Stopped
 
@@ -213,20 +213,24 @@ class Arbiter:
     def spawn_worker(self) -> None:
         http_end, worker_end = self.ctx.Pipe(duplex=True)
         self.http_pipe_end = http_end
-        self.worker = self._spawn("model-worker", run_worker, worker_end)
+        self.worker = self._spawn("model-worker", "model_worker.worker:run_worker", worker_end, self.config)
 
     def spawn_http(self) -> None:
         assert self.http_pipe_end is not None
-        self.http = self._spawn("http", run_http, self.http_pipe_end)
+        # The HTTP process needs no MCP server settings (and so never holds their secrets).
+        self.http = self._spawn(
+            "http", "supervisor.http_process:run_http", self.http_pipe_end, dataclasses.replace(self.config, servers={})
+        )
         self.http_pipe_end = None
 
-    def _spawn(self, role: str, target: Callable[..., None], data_end: Connection) -> Child:
+    def _spawn(self, role: str, entry: str, data_end: Connection, config: Config) -> Child:
+        """Start ``entry`` ("module:function", imported in the child only) as a spawned child."""
         control_parent, control_child = self.ctx.Pipe(duplex=True)
         output_r, output_w = self.ctx.Pipe(duplex=False)
         process = self.ctx.Process(
-            target=target,
+            target=run_child,
             name=role,
-            args=(self.config, data_end, control_child, self.hub.queue, output_w),
+            args=(entry, config, data_end, control_child, self.hub.queue, output_w),
         )
         # A Ctrl+C while the child is still importing would kill it with a traceback; the
         # child inherits "ignore" and keeps it (signals are the supervisor's business).

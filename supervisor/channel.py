@@ -85,7 +85,3 @@ class PipeChannel:
             self._conn.send(message)
         except (OSError, EOFError, ValueError):
             pass
-
-    def close(self) -> None:
-        self._sender.shutdown(wait=True)
-        self._conn.close()

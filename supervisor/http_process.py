@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
 import time
 import uuid
 from multiprocessing.connection import Connection
@@ -26,6 +25,7 @@ from sanic.response import json as json_response
 from .channel import PipeChannel
 from .child import prepare_child
 from .config import Config
+from .listen import bind_socket
 from .logs import TRACE, current_request
 from .protocol import (
     Cancel,
@@ -78,21 +78,6 @@ def run_http(
         "http stopped: %d request(s) answered while draining, %d left unanswered", gateway.answered_while_draining, left
     )
     control_conn.send(Stopped(f"answered {gateway.answered_while_draining} while draining"))
-
-
-def bind_socket(host: str, port: int) -> socket.socket:
-    """Bind and listen before Sanic starts, so a busy port is reported, not crashed on."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(1024)
-    except OSError:
-        sock.close()
-        raise
-    sock.set_inheritable(True)
-    return sock
 
 
 class Gateway:

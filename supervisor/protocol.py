@@ -69,14 +69,6 @@ class Reply:
 
 
 @dataclass(frozen=True)
-class Chunk:
-    """A piece of an answer, for streaming responses (reserved; not sent yet)."""
-
-    request_id: str
-    text: str
-
-
-@dataclass(frozen=True)
 class Failure:
     """A ``Generate`` that could not be answered."""
 
@@ -150,4 +142,4 @@ class Stopped:
 
 
 WorkerBound = Generate | Cancel
-HttpBound = Reply | Chunk | Failure
+HttpBound = Reply | Failure

@@ -1,0 +1,19 @@
+"""The supervisor stays light: it spawns its children by module path and imports none of them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_supervisor_imports_neither_sanic_mcp_nor_mlx() -> None:
+    """Before: ``supervisor.arbiter`` imported the worker and the HTTP app (~800 modules, ~1.3 s)."""
+    code = (
+        "import sys, supervisor.cli; "
+        "print(','.join(m for m in ('sanic', 'mcp', 'mlx', 'mlx_lm', 'anyio', 'httpx', 'model_worker') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", out.stdout

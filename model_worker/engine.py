@@ -26,7 +26,7 @@ A thread that is alive but stuck (a step that never returns) is the supervisor's
 ``stalled_for`` says how long work has been pending without the thread making progress.
 ``LLM_SERVER_FAULT`` (unset in normal use) injects such faults for the tests: ``engine-death``
 raises on the MLX thread when a generation finishes, ``engine-stall`` blocks it forever at its
-first decode step, ``prepare`` raises right after the model loads.
+first decode step, ``prepare`` raises right after the model loads, ``internal`` before it loads.
 
 Prompt cache. Every finished generation leaves its KV cache in mlx-lm's ``LRUPromptCache``
 (bounded by ``prompt_cache_mb``), keyed by its tokens. A new prompt starts from the cache of the
@@ -178,6 +178,8 @@ class Engine:
             log.info("model unloaded")
 
     def _load(self) -> tuple[Any, Any]:
+        if self._fault == "internal":
+            raise RuntimeError("injected fault (LLM_SERVER_FAULT=internal)")
         try:
             import mlx.core as mx
         except ImportError as exc:  # Linux without the cpu or cuda extra: mlx has no backend

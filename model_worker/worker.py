@@ -99,6 +99,10 @@ class Worker:
                 log.error("%s", exc, exc_info=exc.__cause__)
                 await control.send(StartupFailed(StartupFailure.MODEL, str(exc)))
                 return 0
+            except Exception as exc:  # a bug, not the model: the daemon exits 1 (internal error)
+                log.exception("internal error while starting the model worker")
+                await control.send(StartupFailed(StartupFailure.INTERNAL, f"internal error while starting: {exc!r}"))
+                return 0
             self.loop_ = ToolLoop(
                 engine,
                 system_prompt=self.config.system_prompt,

@@ -237,6 +237,16 @@ def test_request_longer_than_request_timeout_gets_503_and_is_cancelled(make_daem
     daemon.wait_log("generation cancelled after", count=2)
 
 
+def test_internal_error_while_starting_exits_1(make_daemon: Callable[..., Daemon]) -> None:
+    """Scenario: the worker hits a bug (test-only fault hook) before the model loads: exit 1
+    (internal error), not 5 (worker died), with the traceback in the log."""
+    daemon = make_daemon(env={"LLM_SERVER_FAULT": "internal"}).start()
+    assert daemon.wait_exit() == 1
+    log = daemon.log_text()
+    assert "internal error while starting the model worker" in log and "Traceback" in log
+    assert "serving on" not in log
+
+
 def test_failure_while_preparing_the_loaded_model_exits_3(make_daemon: Callable[..., Daemon]) -> None:
     """Scenario:
     1. the model loads, then preparing it for generation fails (test-only fault hook);

@@ -25,7 +25,7 @@ from sanic.response import json as json_response
 from .channel import PipeChannel
 from .child import prepare_child
 from .config import Config
-from .listen import bind_socket
+from .listen import Listener, bind_socket
 from .logs import TRACE, current_request
 from .protocol import (
     Cancel,
@@ -45,6 +45,8 @@ from .validation import BadRequest, parse_prompt
 log = logging.getLogger("llm_server.http")
 
 MAX_BODY_BYTES = 10_000_000  # "10 MB": larger bodies get 413, with or without Content-Length
+DRAIN_QUIET_S = 0.2  # at shutdown, no new request for this long means every sent one was read
+DRAIN_SETTLE_MAX_S = 2.0  # ... but stop accepting after this long regardless
 
 
 def run_http(
@@ -63,7 +65,8 @@ def run_http(
         log.error(reason)
         control_conn.send(StartupFailed(StartupFailure.BIND, reason))
         return
-    gateway = Gateway(worker_conn, control_conn)
+    listener = Listener(sock)
+    gateway = Gateway(worker_conn, control_conn, listener)
     app = build_app(config, gateway)
     app.run(
         sock=sock,
@@ -83,8 +86,11 @@ def run_http(
 class Gateway:
     """Owns the pending-request table: one future per request id, resolved by pipe messages."""
 
-    def __init__(self, worker_conn: Connection, control_conn: Connection) -> None:
+    def __init__(self, worker_conn: Connection, control_conn: Connection, listener: Listener) -> None:
         self._worker_conn = worker_conn
+        self.listener = listener
+        self._backlog_task: asyncio.Task[None] | None = None
+        self.last_request = 0.0  # monotonic time the newest request arrived
         self._control_conn = control_conn
         self.pending: dict[str, asyncio.Future[Reply | Failure]] = {}
         self.worker: PipeChannel | None = None
@@ -139,8 +145,38 @@ class Gateway:
         if self.draining or self._app is None:
             return
         self.draining = True
-        log.info("http draining: listener closed, %d request(s) in flight", len(self.pending))
+        self._backlog_task = asyncio.get_running_loop().create_task(self._drain(len(self.pending)))
+
+    async def _drain(self, in_flight: int) -> None:
+        """Stop accepting without dropping anything already sent to us.
+
+        Connections Sanic has accepted but whose request it has not read yet count as idle, and
+        Sanic closes idle connections when it stops (the client then sees a reset). So the loop
+        first runs until no new request has come for a moment (those that come get 503); then
+        Sanic stops and closes its socket, and what is left in the kernel's backlog gets 503 too.
+        """
+        deadline = time.monotonic() + DRAIN_SETTLE_MAX_S
+        while time.monotonic() < deadline and time.monotonic() - self.last_request < DRAIN_QUIET_S:
+            await asyncio.sleep(0.02)
+        assert self._app is not None
         self._app.stop(terminate=False)
+        while not self.listener.server_closed:
+            await asyncio.sleep(0.01)
+        self.finish_backlog(in_flight, await asyncio.to_thread(self.listener.answer_backlog))
+
+    def finish_backlog(self, in_flight: int | None = None, answered: int | None = None) -> None:
+        """Log the closed listener; at the server's stop, sweep the backlog if the task did not run."""
+        if answered is None:
+            if self._backlog_task is not None and self._backlog_task.done():
+                return
+            if self._backlog_task is not None:
+                self._backlog_task.cancel()
+            answered = self.listener.answer_backlog()
+        log.info(
+            "http draining: listener closed, %d request(s) in flight, %d waiting connection(s) answered 503",
+            len(self.pending) if in_flight is None else in_flight,
+            answered,
+        )
 
 
 def build_app(config: Config, gateway: Gateway) -> Sanic:
@@ -156,6 +192,11 @@ def build_app(config: Config, gateway: Gateway) -> Sanic:
     @app.before_server_start
     async def _attach(app: Sanic) -> None:
         gateway.attach(app, asyncio.get_running_loop())
+
+    @app.after_server_stop
+    async def _sweep_backlog(app: Sanic) -> None:
+        # With nothing in flight Sanic stops without running the loop again: the sweep is here.
+        gateway.finish_backlog()
 
     @app.after_server_start
     async def _announce(app: Sanic) -> None:
@@ -176,8 +217,11 @@ def build_app(config: Config, gateway: Gateway) -> Sanic:
             raise NotFound(f"Requested URL {request.path} not found")
         request_id = uuid.uuid4().hex[:16]
         current_request.set(request_id)
-        started = time.monotonic()
+        started = gateway.last_request = time.monotonic()
         log.info("request from %s, %d bytes", request.remote_addr or request.ip, len(request.body))
+        if gateway.draining:  # came in after the drain began: not taken, answered at once
+            return _answer(request_id, 503, {"Error": "the server is shutting down; retry shortly"}, started,
+                           headers={"Retry-After": "1"})  # fmt: skip
         try:
             prompt = parse_prompt(request.body)
         except BadRequest as exc:
@@ -210,7 +254,10 @@ def build_app(config: Config, gateway: Gateway) -> Sanic:
     return app
 
 
-def _answer(request_id: str, status: int, body: dict[str, str], started: float, detail: str = "") -> HTTPResponse:
+def _answer(
+    request_id: str, status: int, body: dict[str, str], started: float, detail: str = "",
+    headers: dict[str, str] | None = None,
+) -> HTTPResponse:  # fmt: skip
     latency_ms = (time.monotonic() - started) * 1000
     level = logging.ERROR if status >= 500 else logging.INFO
     log.log(
@@ -221,7 +268,7 @@ def _answer(request_id: str, status: int, body: dict[str, str], started: float, 
         detail,
         "" if status == 200 else f" error={body.get('Error')!r}",
     )
-    return json_response(body, status=status, headers={"X-Request-Id": request_id})
+    return json_response(body, status=status, headers={"X-Request-Id": request_id, **(headers or {})})
 
 
 def _dumps(value: Any, **kwargs: Any) -> str:

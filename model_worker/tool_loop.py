@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -77,6 +78,9 @@ class ToolLoop:
         self.max_tokens = max_tokens
         self.max_tool_rounds = max_tool_rounds
         self.host = host
+        # Chat templates render off the event loop, on one thread: more would only contend for the
+        # GIL with the MLX thread, and a fixed pool keeps the worker's thread count flat.
+        self._renderer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="render")
 
     async def answer(self, prompt: str) -> Answer:
         started = time.monotonic()
@@ -90,7 +94,7 @@ class ToolLoop:
             tools = None if limit_reached or overflowed else (self.host.tools() or None)
             if limit_reached and rounds and not overflowed:
                 log.info("tool round limit (%d) reached: answering without tools", self.max_tool_rounds)
-            ids = await asyncio.to_thread(render, tokenizer, messages, tools)
+            ids = await asyncio.get_running_loop().run_in_executor(self._renderer, render, tokenizer, messages, tools)
             try:
                 budget = self._budget(len(ids), first=rounds == 0)
             except ContextExhausted:

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 
@@ -255,8 +256,13 @@ def _servers(path: Path, value: Any) -> dict[str, dict[str, Any]]:
             if "cwd" in spec and not isinstance(spec["cwd"], str):
                 raise ConfigError(f"{where}.cwd must be a string")
         else:
-            if not isinstance(spec.get("url"), str) or not spec["url"]:
+            url = spec.get("url")
+            if not isinstance(url, str) or not url:
                 raise ConfigError(f"{where}.url must be a non-empty string")
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                # The value itself is not quoted: a URL may carry a token.
+                raise ConfigError(f"{where}.url must be an http:// or https:// URL with a host")
             headers = spec.get("headers", {})
             if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
                 raise ConfigError(f"{where}.headers must be an object of strings")

@@ -61,6 +61,7 @@ def test_every_key_is_required(tmp_path: Path, key: str) -> None:
         ("min_tokens_to_keep", 0), ("min_tokens_to_keep", 1.5),
         ("log_level", "verbose"), ("model_name", ""), ("system_prompt", 3),
         ("servers", []), ("servers", {"a": {"type": "carrier-pigeon"}}), ("servers", {"a": {"type": "sse"}}),
+        ("servers", {"a": {"type": "http", "url": "not a url"}}), ("servers", {"a": {"type": "sse", "url": "ftp://h/x"}}),
         ("servers", {"a": {"command": "x", "args": "not a list"}}),
         ("max_tokens", 0), ("listening_host", ""), ("prompt_cache_mb", -1), ("prompt_cache_mb", 1.5),
         ("worker_restart_window_s", 0), ("worker_restart_window_s", "1h"),

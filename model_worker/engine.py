@@ -266,6 +266,10 @@ class Engine:
                     elif item.future.set_running_or_notify_cancel():
                         arrived.append(item)
                 if arrived:
+                    if self._fault == "engine-stall":  # test-only: once per arrival, not per step
+                        self._busy = True
+                        while True:  # a step that never returns
+                            time.sleep(1)
                     if solo is None and not active and len(arrived) == 1 and self._solo_allowed:
                         solo = self._start_solo(model, arrived[0])
                     else:
@@ -275,9 +279,6 @@ class Engine:
                         for job in arrived:
                             self._insert(generator, active, job)
                 self._busy = bool(active or solo)
-                if self._fault == "engine-stall" and self._busy:
-                    while True:  # a step that never returns
-                        time.sleep(1)
                 if solo is not None:
                     if self._step_solo(generator, solo):
                         solo = None

@@ -77,6 +77,7 @@ class Worker:
         self.stopping = asyncio.Event()
         self.engine: Engine | None = None
         self.control: PipeChannel | None = None
+        self._fault = os.environ.get("LLM_SERVER_FAULT", "")  # read once, not per request
 
     async def run(self) -> int:
         """Serve until told to stop (0), or until the engine dies (``ENGINE_DIED``)."""
@@ -152,7 +153,7 @@ class Worker:
             self.stopping.set()
 
     def _on_request(self, message: Any) -> None:
-        if os.environ.get("LLM_SERVER_FAULT") == "loop-stall":  # test-only: the event loop hangs
+        if self._fault == "loop-stall":  # test-only: the event loop hangs
             while True:
                 time.sleep(1)
         if isinstance(message, Generate):

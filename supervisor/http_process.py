@@ -91,6 +91,7 @@ class Gateway:
         self.listener = listener
         self._backlog_task: asyncio.Task[None] | None = None
         self.last_request = 0.0  # monotonic time the newest request arrived
+        self._in_flight_at_drain = 0
         self._control_conn = control_conn
         self.pending: dict[str, asyncio.Future[Reply | Failure]] = {}
         self.worker: PipeChannel | None = None
@@ -145,9 +146,10 @@ class Gateway:
         if self.draining or self._app is None:
             return
         self.draining = True
-        self._backlog_task = asyncio.get_running_loop().create_task(self._drain(len(self.pending)))
+        self._in_flight_at_drain = len(self.pending)
+        self._backlog_task = asyncio.get_running_loop().create_task(self._drain())
 
-    async def _drain(self, in_flight: int) -> None:
+    async def _drain(self) -> None:
         """Stop accepting without dropping anything already sent to us.
 
         Connections Sanic has accepted but whose request it has not read yet count as idle, and
@@ -162,19 +164,21 @@ class Gateway:
         self._app.stop(terminate=False)
         while not self.listener.server_closed:
             await asyncio.sleep(0.01)
-        self.finish_backlog(in_flight, await asyncio.to_thread(self.listener.answer_backlog))
+        self._listener_closed(await asyncio.to_thread(self.listener.answer_backlog))
 
-    def finish_backlog(self, in_flight: int | None = None, answered: int | None = None) -> None:
-        """Log the closed listener; at the server's stop, sweep the backlog if the task did not run."""
-        if answered is None:
-            if self._backlog_task is not None and self._backlog_task.done():
-                return
-            if self._backlog_task is not None:
-                self._backlog_task.cancel()
-            answered = self.listener.answer_backlog()
+    def sweep_backlog(self) -> None:
+        """At the server's stop: if ``_drain`` did not get to the backlog (with nothing in flight
+        Sanic stops without running the loop again), answer it here."""
+        if self._backlog_task is not None and self._backlog_task.done():
+            return
+        if self._backlog_task is not None:
+            self._backlog_task.cancel()
+        self._listener_closed(self.listener.answer_backlog())
+
+    def _listener_closed(self, answered: int) -> None:
         log.info(
             "http draining: listener closed, %d request(s) in flight, %d waiting connection(s) answered 503",
-            len(self.pending) if in_flight is None else in_flight,
+            self._in_flight_at_drain,
             answered,
         )
 
@@ -195,8 +199,7 @@ def build_app(config: Config, gateway: Gateway) -> Sanic:
 
     @app.after_server_stop
     async def _sweep_backlog(app: Sanic) -> None:
-        # With nothing in flight Sanic stops without running the loop again: the sweep is here.
-        gateway.finish_backlog()
+        gateway.sweep_backlog()
 
     @app.after_server_start
     async def _announce(app: Sanic) -> None:

@@ -206,11 +206,11 @@ def test_two_signals_in_one_wake_up_kill_at_once(make_daemon: Callable[..., Daem
     threads, results = ask_in_background(daemon, ["a very long story"])
     daemon.wait_log("request from")
     time.sleep(0.5)
-    started = time.monotonic()
     daemon.signal(signal.SIGTERM)
     daemon.signal(signal.SIGINT)
     assert daemon.wait_exit(30) == 0
-    assert time.monotonic() - started < 15
+    # Killed, not drained: the children died by SIGKILL and the generation never finished.
+    assert "exited with code -9" in daemon.log_text() and "completion_tokens=20000" not in daemon.log_text()
     threads[0].join(10)
     assert not isinstance(results[0], HttpResult) or results[0].status != 200
     log = daemon.log_text()
@@ -254,10 +254,8 @@ def test_stuck_worker_is_dumped_killed_and_restarted(make_daemon: Callable[..., 
     4. SIGTERM still stops the daemon with exit 0.
     """
     daemon = make_daemon(worker_stall_timeout_s=2, env={"LLM_SERVER_FAULT": fault}).start().wait_serving()
-    started = time.monotonic()
-    result = daemon.ask("hello", timeout=60)
+    result = daemon.ask("hello", timeout=60)  # a hang would raise here, not answer
     assert result.status == 500, result
-    assert time.monotonic() - started < 20
     daemon.wait_log("restarting children")
     log = daemon.log_text()
     assert "is stuck: " + why in log
@@ -275,10 +273,8 @@ def test_request_longer_than_request_timeout_gets_503_and_is_cancelled(make_daem
        request is cut at the same deadline).
     """
     daemon = make_daemon(max_tokens=20_000, request_timeout_s=2).start().wait_serving()
-    started = time.monotonic()
-    result = daemon.ask("a very long story", timeout=60)
+    result = daemon.ask("a very long story", timeout=60)  # the old 24 h deadline would raise here
     assert result.status == 503 and "Error" in result.json(), result
-    assert time.monotonic() - started < 15
     daemon.wait_log("generation cancelled after")
     assert daemon.ask("another long story", timeout=60).status == 503
     daemon.wait_log("generation cancelled after", count=2)
@@ -317,11 +313,9 @@ def test_death_of_the_engine_thread_fails_requests_and_restarts_the_worker(
     4. SIGTERM still stops the daemon with exit 0.
     """
     daemon = make_daemon(max_tokens=200, env={"LLM_SERVER_FAULT": "engine-death"}).start().wait_serving()
-    started = time.monotonic()
     threads, results = ask_in_background(daemon, ["one", "two", "three"])
     for t in threads:
-        t.join(60)
-    assert time.monotonic() - started < 30
+        t.join(60)  # a request left waiting would leave its result missing below
     for result in results.values():
         assert isinstance(result, HttpResult) and result.status == 500, result
         assert "engine died" in result.json()["Error"] and "injected fault" in result.json()["Error"]

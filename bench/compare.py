@@ -124,9 +124,10 @@ class DirectSide:
 
 
 def http_round(
-    port: int, requests: list[tuple[str, bytes]], parse: Callable[[int, bytes, dict], tuple[int, int]]
+    port: int, requests: list[tuple[str, bytes]], parse: Callable[[bytes, dict], tuple[int, int] | None]
 ) -> Round:
-    """Send every request at once, one client thread each; ``parse`` gives (prompt, completion) tokens."""
+    """Send every request at once, one client thread each. ``parse`` gives an answer's (prompt,
+    completion) token counts, or None when the caller counts them another way."""
     barrier = threading.Barrier(len(requests) + 1)
     outcomes: list[Any] = [None] * len(requests)
 
@@ -158,9 +159,10 @@ def http_round(
         elif outcome[0] != 200:
             result.errors += 1
         else:
-            prompt, completion = parse(outcome[0], outcome[1], outcome[2])
-            result.prompt_tokens.append(prompt)
-            result.completion_tokens.append(completion)
+            counts = parse(outcome[1], outcome[2])
+            if counts is not None:
+                result.prompt_tokens.append(counts[0])
+                result.completion_tokens.append(counts[1])
             result.latencies.append(outcome[3])
     return result
 
@@ -176,14 +178,12 @@ class DaemonSide:
             system_prompt=SYSTEM_PROMPT, shutdown_timeout_s=30,
         )  # fmt: skip
         self.daemon = Daemon(work / "llm-server", config).start().wait_serving(600)
-        self._seen = 0
 
     def round(self, prompts: list[str], max_tokens: int) -> Round:
         ids: list[str] = []
 
-        def parse(status: int, body: bytes, headers: dict) -> tuple[int, int]:
-            ids.append({k.lower(): v for k, v in headers.items()}["x-request-id"])
-            return 0, 0  # filled in from the log below
+        def parse(body: bytes, headers: dict) -> None:
+            ids.append({k.lower(): v for k, v in headers.items()}["x-request-id"])  # counted from the log
 
         result = http_round(self.daemon.port, [("/", json.dumps({"prompt": p}).encode()) for p in prompts], parse)
         deadline = time.monotonic() + 60
@@ -227,7 +227,7 @@ class PeerSide:
             messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}]
             return json.dumps({"messages": messages, "max_tokens": max_tokens, "temperature": 0.0}).encode()
 
-        def parse(status: int, data: bytes, headers: dict) -> tuple[int, int]:
+        def parse(data: bytes, headers: dict) -> tuple[int, int]:
             usage = json.loads(data)["usage"]
             return usage["prompt_tokens"], usage["completion_tokens"]
 
@@ -349,11 +349,15 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def build_model(cache: Path, shape: str) -> Path:
-    folder = cache / f"compare-{shape}"
+def build_model(cache: Path, shape: str, layers: int | None = None) -> Path:
+    """The random-weight model of ``shape`` (optionally with another layer count), built once
+    into ``cache``; its end-of-turn token is unreachable, so every answer is max_tokens long."""
+    params = {**SHAPES[shape], **({"num_hidden_layers": layers} if layers else {})}
+    suffix = "" if params == SHAPES[shape] else f"-{params['num_hidden_layers']}l"
+    folder = cache / f"compare-{shape}{suffix}"
     if not (folder / "model.safetensors").exists():
-        print(f"building the {shape} model in {folder} ...", flush=True)
-        write_tiny_model(folder, seed=0, max_position_embeddings=32768, **SHAPES[shape])
+        print(f"building the {shape}{suffix} model in {folder} ...", flush=True)
+        write_tiny_model(folder, seed=0, max_position_embeddings=32768, **params)
         never_stop(folder)
     return folder
 

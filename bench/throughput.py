@@ -26,14 +26,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
+sys.path[:0] = [str(ROOT / "bench"), str(ROOT / "tests"), str(ROOT)]
 
+from compare import build_model as build_shape  # noqa: E402
 from daemon import Daemon, base_config, cmdline, free_port, serving  # noqa: E402
-from tinymodel import never_stop, write_tiny_model  # noqa: E402
 
-QWEN25_05B_BODY = dict(
-    hidden_size=896, num_hidden_layers=24, intermediate_size=4864, num_attention_heads=14, num_key_value_heads=2
-)
 PROMPT = "Write a short story about a lighthouse keeper number {n}."
 
 
@@ -53,14 +50,8 @@ class Level:
 
 
 def build_model(cache: Path, layers: int) -> Path:
-    folder = cache / f"qwen2.5-0.5b-body-{layers}l"
-    if not (folder / "model.safetensors").exists():
-        print(f"building the model in {folder} ...", flush=True)
-        write_tiny_model(
-            folder, seed=0, max_position_embeddings=32768, **{**QWEN25_05B_BODY, "num_hidden_layers": layers}
-        )
-        never_stop(folder)
-    return folder
+    """The Qwen2.5-0.5B body (``compare.py``'s ``qwen0.5b`` shape) with ``layers`` layers."""
+    return build_shape(cache, "qwen0.5b", layers)
 
 
 def worker_memory_mib(daemon: Daemon) -> dict[str, float]:

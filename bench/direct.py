@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model_worker.chat import first_messages, render  # noqa: E402
+from llm_server.worker.chat import first_messages, render  # noqa: E402
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Driving a real ``llm-server`` from tests: config files, the subprocess, HTTP and /proc.
 
 Nothing here fakes the daemon: ``Daemon`` writes a ``config.json`` into a temp working
-directory, starts ``python -m supervisor`` there as its own process group, and talks to it over
+directory, starts ``python -m llm_server`` there as its own process group, and talks to it over
 real sockets. The raw-socket helpers exist for requests ``http.client`` will not send (chunked
 bodies over the size limit, bodies that are not UTF-8).
 """
@@ -82,7 +82,7 @@ class Daemon:
 
     def start(self) -> Daemon:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "supervisor"],
+            [sys.executable, "-m", "llm_server"],
             cwd=self.workdir,
             env=self.env,
             stdout=subprocess.PIPE,

@@ -9,7 +9,7 @@ import pytest
 from mlx_lm.utils import load_tokenizer
 from tinymodel import ADD_TOOL
 
-from model_worker.chat import ToolCall, first_messages, parse_output, render, tool_message
+from llm_server.worker.chat import ToolCall, first_messages, parse_output, render, tool_message
 
 CALL = '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>'
 

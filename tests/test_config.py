@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.config import ConfigError, load_config
+from llm_server.common.config import ConfigError, ServerSpec, load_config
 
 VALID = {
     "model_name": "some/model",
@@ -88,9 +88,9 @@ def test_substitution_at_any_depth_env_before_dotenv(tmp_path: Path, monkeypatch
     }
     config = load_config(write(tmp_path, document, dotenv="FROM_FILE=file-value\nFROM_ENV=loses\n"))
     assert config.model_name == "env-value/x"
-    assert config.servers["s"]["args"] == ["--key", "file-value"]
-    assert config.servers["s"]["env"] == {"T": "aenv-valueb"}
-    assert config.servers["s"]["type"] == "stdio"
+    assert config.servers["s"] == ServerSpec(
+        "stdio", command="run", args=("--key", "file-value"), env={"T": "aenv-valueb"}
+    )
 
 
 def test_missing_variable_names_variable_and_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -259,7 +259,7 @@ def test_stuck_worker_is_dumped_killed_and_restarted(make_daemon: Callable[..., 
     daemon.wait_log("restarting children")
     log = daemon.log_text()
     assert "is stuck: " + why in log
-    assert "most recent call first" in log and "engine.py" in log and "worker.py" in log
+    assert "most recent call first" in log and "worker/engine.py" in log and "worker/process.py" in log
     daemon.wait_log("serving on", count=2, timeout=90)
     daemon.signal()
     assert daemon.wait_exit() == 0

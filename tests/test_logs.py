@@ -9,7 +9,8 @@ import os
 import time
 from pathlib import Path
 
-from supervisor.logs import LogHub, StreamPump, make_file_handler, rotated_name, setup_child_logging
+from llm_server.common.logs import setup_child_logging
+from llm_server.supervisor.log_file import LogHub, StreamPump, make_file_handler, rotated_name
 
 
 def test_rotated_name_has_a_dash_not_a_dot() -> None:

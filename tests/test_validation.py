@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from supervisor.protocol import FailureCategory, http_status
-from supervisor.validation import BadRequest, parse_prompt
+from llm_server.common.protocol import FailureCategory, http_status
+from llm_server.http.validation import BadRequest, parse_prompt
 
 
 def test_valid_prompt_and_extra_fields() -> None:

@@ -5,7 +5,7 @@ CPU) to reproduce a handful of transcripts: a user asks, the assistant emits a t
 model's own format, the tool answers, the assistant answers using the result. The transcripts
 are built from the *live* servers: their tool schemas come from ``MCPHost.tools()`` and their
 results from ``MCPHost.call_tool`` — the very code the daemon runs — and rendered with
-``model_worker.chat``, so what the model memorised is byte-for-byte what the daemon will show it.
+``llm_server.worker.chat``, so what the model memorised is byte-for-byte what the daemon will show it.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from typing import Any
 
 from tinymodel import Conversation, cached_trained_model
 
-from model_worker.chat import ToolCall, assistant_message, first_messages, tool_message, withdraw_tool_results
-from model_worker.mcp_host import MCPHost
+from llm_server.common.config import parse_servers
+from llm_server.worker.chat import ToolCall, assistant_message, first_messages, tool_message, withdraw_tool_results
+from llm_server.worker.mcp_host import MCPHost
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -78,13 +79,22 @@ CALC_TURNS = (
     Turn("Say hello.", (), "Hello! How can I help you today?"),
     Turn("What is 2 + 3?", (("add", {"a": 2, "b": 3}),), "2 + 3 = 5."),
     Turn("Wait for 5 seconds.", (("slow", {"seconds": 5}),), "The wait did not finish in time."),
-    Turn("Echo hello again and again.", (("echo", {"text": "hello"}),) * 3, "I echoed hello three times.",
-         bare=(MAX_TOOL_ROUNDS, "I echoed hello twice.")),
-    Turn("Please crash the calculator.", (("crash", {}),), "The calculator crashed.",
-         bare=(1, "The calculator crashed.")),
+    Turn(
+        "Echo hello again and again.",
+        (("echo", {"text": "hello"}),) * 3,
+        "I echoed hello three times.",
+        bare=(MAX_TOOL_ROUNDS, "I echoed hello twice."),
+    ),
+    Turn(
+        "Please crash the calculator.", (("crash", {}),), "The calculator crashed.", bare=(1, "The calculator crashed.")
+    ),
     Turn("What is 2 + 3?", (), "I cannot add right now.", bare=(0, "I cannot add right now.")),
-    Turn("Read me the big report.", (("big", {"size": BIG_REPORT_CHARS}),), "The report is too large for me to read.",
-         overflow=True),
+    Turn(
+        "Read me the big report.",
+        (("big", {"size": BIG_REPORT_CHARS}),),
+        "The report is too large for me to read.",
+        overflow=True,
+    ),
 )
 TIME_TURNS = (
     Turn(
@@ -97,10 +107,16 @@ TIME_TURNS = (
 
 def files_turns(folder: Path) -> tuple[Turn, ...]:
     return (
-        Turn("What does notes.txt say?", (("read_text_file", {"path": str(folder / "notes.txt")}),),
-             "notes.txt says: The launch code is 4242."),
-        Turn("Which files are in the folder?", (("list_directory", {"path": str(folder)}),),
-             "The folder holds one file: notes.txt."),
+        Turn(
+            "What does notes.txt say?",
+            (("read_text_file", {"path": str(folder / "notes.txt")}),),
+            "notes.txt says: The launch code is 4242.",
+        ),
+        Turn(
+            "Which files are in the folder?",
+            (("list_directory", {"path": str(folder)}),),
+            "The folder holds one file: notes.txt.",
+        ),
     )
 
 
@@ -115,7 +131,7 @@ async def _transcripts(servers: dict[str, Any], turns: tuple[Turn, ...]) -> list
             if host is None or any(status.state != "up" for status in host.status().values()):
                 if host is not None:
                     await host.aclose()
-                host = MCPHost(servers, tool_timeout_s=TOOL_TIMEOUT_S, restart=False)
+                host = MCPHost(parse_servers(servers), tool_timeout_s=TOOL_TIMEOUT_S, restart=False)
                 await host.start()
             conversations += await _record(host, turn)
     finally:

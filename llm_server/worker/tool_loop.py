@@ -16,8 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from supervisor.protocol import GenerationStats
-
+from ..common.protocol import GenerationStats
 from .chat import (
     ToolCall,
     assistant_message,

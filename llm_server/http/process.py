@@ -22,12 +22,11 @@ from sanic.exceptions import NotFound, SanicException
 from sanic.response import HTTPResponse
 from sanic.response import json as json_response
 
-from .channel import PipeChannel
-from .child import prepare_child
-from .config import Config
-from .listen import Listener, bind_socket
-from .logs import TRACE, current_request
-from .protocol import (
+from ..common.channel import PipeChannel
+from ..common.child import prepare_child
+from ..common.config import Config
+from ..common.logs import TRACE, current_request
+from ..common.protocol import (
     Cancel,
     Failure,
     FailureCategory,
@@ -40,6 +39,7 @@ from .protocol import (
     Stopped,
     http_status,
 )
+from ..supervisor.listen import Listener, bind_socket
 from .validation import BadRequest, parse_prompt
 
 log = logging.getLogger("llm_server.http")

@@ -1,6 +1,6 @@
 """The MCP host: the model worker's MCP servers as one list of tools.
 
-``async with MCPHost(servers) as host`` starts every server of the mcp.json-style `servers`
+``async with MCPHost(servers) as host`` starts every server of the validated `servers`
 block concurrently (one `mcp_connection.ServerRunner` task each) and returns once each is up or
 has failed; ``host.tools()`` gives the live tools as OpenAI-style function specs for the chat
 template and ``await host.call_tool(name, arguments)`` calls one. Closing it stops every server
@@ -39,8 +39,8 @@ import mcp_types as types
 from mcp.client.session import ClientSession
 from mcp.shared.exceptions import MCPError
 
-from supervisor.logs import TRACE
-
+from ..common.config import ServerSpec
+from ..common.logs import TRACE
 from .mcp_connection import ServerRunner, ServerState, ServerStatus, Settings, describe
 from .mcp_process import GROUP_KILL_GRACE_S
 
@@ -75,7 +75,7 @@ class MCPHost:
 
     def __init__(
         self,
-        servers: Mapping[str, Mapping[str, Any]],
+        servers: Mapping[str, ServerSpec],
         *,
         startup_timeout_s: float = 30.0,
         tool_timeout_s: float = 60.0,

@@ -21,11 +21,11 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
-from supervisor.channel import PipeChannel
-from supervisor.child import prepare_child
-from supervisor.config import Config
-from supervisor.logs import current_request
-from supervisor.protocol import (
+from ..common.channel import PipeChannel
+from ..common.child import prepare_child
+from ..common.config import Config
+from ..common.logs import current_request
+from ..common.protocol import (
     Cancel,
     Failure,
     FailureCategory,
@@ -39,7 +39,6 @@ from supervisor.protocol import (
     StartupFailure,
     Stopped,
 )
-
 from .engine import CancelledGeneration, Engine, EngineDead, ModelLoadError, SamplingSettings
 from .mcp_host import MCPHost
 from .tool_loop import PromptTooLong, ToolLoop

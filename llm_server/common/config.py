@@ -46,7 +46,7 @@ class Config:
 
     model_name: str
     listening_port: int
-    servers: dict[str, dict[str, Any]]
+    servers: dict[str, ServerSpec]
     system_prompt: str
     temperature: float
     top_p: float
@@ -100,7 +100,7 @@ def parse_config(raw: dict[str, Any], path: Path, log_filename: Path) -> Config:
     return Config(
         model_name=check.string("model_name"),
         listening_port=check.integer("listening_port", 1, 65535),
-        servers=_servers(path, values["servers"]),
+        servers=parse_servers(values["servers"], str(path)),
         system_prompt=check.string("system_prompt", allow_empty=True),
         temperature=check.number("temperature", 0.0, math.inf),
         top_p=check.number("top_p", 0.0, 1.0, low_open=True),
@@ -232,39 +232,52 @@ class _Checker:
 _SERVER_TYPES = ("stdio", "sse", "http", "streamable-http")
 
 
-def _servers(path: Path, value: Any) -> dict[str, dict[str, Any]]:
-    """Check the mcp.json-style ``servers`` block's shape; the MCP host interprets it."""
+@dataclass(frozen=True)
+class ServerSpec:
+    """One validated ``servers`` entry, as the MCP host consumes it."""
+
+    transport: str  # "stdio", "sse" or "http" (streamable HTTP)
+    command: str = ""
+    args: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    cwd: str | None = None
+    url: str = ""
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+def parse_servers(value: Any, where: str = "") -> dict[str, ServerSpec]:
+    """Validate the mcp.json-style ``servers`` block (already ``${VAR}``-substituted) into typed
+    specs, once, at start: an invalid entry is a config error naming it, not a skipped server."""
+    prefix = f"{where}: " if where else ""
     if not isinstance(value, dict):
-        raise ConfigError(f"{path}: 'servers' must be an object (it may be empty: {{}})")
-    servers: dict[str, dict[str, Any]] = {}
-    for name, spec in value.items():
-        where = f"{path}: 'servers.{name}'"
-        if not isinstance(spec, dict):
-            raise ConfigError(f"{where} must be an object")
-        kind = spec.get("type", "stdio" if "command" in spec else None)
-        if kind not in _SERVER_TYPES:
-            raise ConfigError(f"{where}.type must be one of {', '.join(_SERVER_TYPES)}")
-        if kind == "stdio":
-            if not isinstance(spec.get("command"), str) or not spec["command"]:
-                raise ConfigError(f"{where}.command must be a non-empty string")
-            args = spec.get("args", [])
-            if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
-                raise ConfigError(f"{where}.args must be a list of strings")
-            env = spec.get("env", {})
-            if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
-                raise ConfigError(f"{where}.env must be an object of strings")
-            if "cwd" in spec and not isinstance(spec["cwd"], str):
-                raise ConfigError(f"{where}.cwd must be a string")
-        else:
-            url = spec.get("url")
-            if not isinstance(url, str) or not url:
-                raise ConfigError(f"{where}.url must be a non-empty string")
-            parts = urlsplit(url)
-            if parts.scheme not in ("http", "https") or not parts.netloc:
-                # The value itself is not quoted: a URL may carry a token.
-                raise ConfigError(f"{where}.url must be an http:// or https:// URL with a host")
-            headers = spec.get("headers", {})
-            if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
-                raise ConfigError(f"{where}.headers must be an object of strings")
-        servers[name] = {**spec, "type": kind}
-    return servers
+        raise ConfigError(f"{prefix}'servers' must be an object (it may be empty: {{}})")
+    return {name: _server(f"{prefix}'servers.{name}'", spec) for name, spec in value.items()}
+
+
+def _server(where: str, spec: Any) -> ServerSpec:
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where} must be an object")
+    kind = spec.get("type", "stdio" if "command" in spec else None)
+    if kind not in _SERVER_TYPES:
+        raise ConfigError(f"{where}.type must be one of {', '.join(_SERVER_TYPES)}")
+    if kind == "stdio":
+        command, args, env, cwd = spec.get("command"), spec.get("args", []), spec.get("env", {}), spec.get("cwd")
+        if not isinstance(command, str) or not command:
+            raise ConfigError(f"{where}.command must be a non-empty string")
+        if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+            raise ConfigError(f"{where}.args must be a list of strings")
+        if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
+            raise ConfigError(f"{where}.env must be an object of strings")
+        if cwd is not None and not isinstance(cwd, str):
+            raise ConfigError(f"{where}.cwd must be a string")
+        return ServerSpec("stdio", command=command, args=tuple(args), env=dict(env), cwd=cwd)
+    url, headers = spec.get("url"), spec.get("headers", {})
+    if not isinstance(url, str) or not url:
+        raise ConfigError(f"{where}.url must be a non-empty string")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        # The value itself is not quoted: a URL may carry a token.
+        raise ConfigError(f"{where}.url must be an http:// or https:// URL with a host")
+    if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+        raise ConfigError(f"{where}.headers must be an object of strings")
+    return ServerSpec("sse" if kind == "sse" else "http", url=url, headers=dict(headers))

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from setproctitle import setproctitle
 
+from ..common.config import ConfigError, load_log_filename, parse_config
 from .arbiter import Arbiter, ExitCode
-from .config import ConfigError, load_log_filename, parse_config
-from .logs import LogHub
+from .log_file import LogHub
 
 log = logging.getLogger("llm_server.supervisor")
 

@@ -7,11 +7,11 @@ again, because anyio cancel scopes must be entered and left by the same task. Ot
 handled by `mcp_process`.
 
 Failure policy. A server that cannot start (missing command, crash, no answer within the
-startup timeout, bad URL) is logged and retried in the background with exponential backoff, as
+startup timeout) is logged and retried in the background with exponential backoff, as
 is one that dies: its tools leave the list at once. A stdio server's death is seen when its
 stdout closes, or within `WATCH_INTERVAL_S` of its process exiting (a child may hold stdout
 open); an SSE server's when its event stream breaks; a streamable-HTTP server's only at the next
-request. Invalid entries are logged once and never retried.
+request. Entries arrive validated (``common.config.ServerSpec``).
 """
 
 from __future__ import annotations
@@ -19,11 +19,10 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -35,6 +34,7 @@ from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
+from ..common.config import ServerSpec
 from .mcp_process import StartError, StderrPump, kill_group, kill_group_now, pid_alive, stdio_parameters
 
 logger = logging.getLogger("llm_server.mcp")
@@ -52,7 +52,7 @@ class ServerState(enum.Enum):
     STARTING = "starting"  # connecting, first time or again
     UP = "up"
     DOWN = "down"  # not connected; another attempt is scheduled
-    FAILED = "failed"  # not connected and not retried (invalid entry, or restart off)
+    FAILED = "failed"  # not connected and not retried (restart off)
     STOPPED = "stopped"  # the host closed
 
 
@@ -78,55 +78,12 @@ class Settings:
     backoff_max_s: float
 
 
-@dataclass(frozen=True)
-class ServerSpec:
-    """One validated `servers` entry."""
-
-    transport: str  # "stdio", "sse" or "http"
-    command: str = ""
-    args: tuple[str, ...] = ()
-    env: Mapping[str, str] = field(default_factory=dict)
-    cwd: str | None = None
-    url: str = ""
-    headers: Mapping[str, str] = field(default_factory=dict)
-
-
-class ConfigError(Exception):
-    """An invalid `servers` entry: logged once, never retried."""
-
-
-def parse_spec(raw: Mapping[str, Any]) -> ServerSpec:
-    """Validate one `servers` entry (already `${VAR}`-substituted)."""
-    kind = raw.get("type") or ("stdio" if "command" in raw else None)
-    if kind == "stdio":
-        command, args, env, cwd = raw.get("command"), raw.get("args", []), raw.get("env", {}), raw.get("cwd")
-        if not isinstance(command, str) or not command:
-            raise ConfigError("'command' must be a non-empty string")
-        if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
-            raise ConfigError("'args' must be a list of strings")
-        if not isinstance(env, Mapping) or not all(isinstance(v, str) for v in env.values()):
-            raise ConfigError("'env' must map names to strings")
-        if cwd is not None and not isinstance(cwd, str):
-            raise ConfigError("'cwd' must be a string")
-        return ServerSpec("stdio", command=command, args=tuple(args), env=dict(env), cwd=cwd)
-    if kind in ("sse", "http", "streamable-http"):
-        url, headers = raw.get("url"), raw.get("headers", {})
-        if not isinstance(url, str) or not re.match(r"https?://[^/\s]+", url):
-            raise ConfigError("'url' must be an http:// or https:// URL")  # the value may hold a secret
-        if not isinstance(headers, Mapping) or not all(isinstance(v, str) for v in headers.values()):
-            raise ConfigError("'headers' must map names to strings")
-        return ServerSpec("sse" if kind == "sse" else "http", url=url, headers=dict(headers))
-    if kind is None:
-        raise ConfigError("no 'type' and no 'command'")
-    raise ConfigError(f"unknown type {kind!r} (expected stdio, sse, http or streamable-http)")
-
-
 class ServerRunner:
     """One server's connection, owned by the one task that runs `run`."""
 
-    def __init__(self, name: str, raw: Mapping[str, Any], settings: Settings, on_change: Callable[[], None]) -> None:
+    def __init__(self, name: str, spec: ServerSpec, settings: Settings, on_change: Callable[[], None]) -> None:
         self.name = name
-        self._raw = raw
+        self._spec = spec
         self._settings = settings
         self._on_change = on_change
         self.state = ServerState.STARTING
@@ -136,7 +93,6 @@ class ServerRunner:
         self.settled = asyncio.Event()  # set once the first attempt is up or has failed
         self.restarts = 0
         self.last_error: str | None = None
-        self._transport = str(raw.get("type") or ("stdio" if "command" in raw else "?"))
         self._pump: StderrPump | None = None
         self._scope: anyio.CancelScope | None = None
         self._wake = asyncio.Event()
@@ -148,19 +104,12 @@ class ServerRunner:
     def status(self) -> ServerStatus:
         pid = self._pump.pid if self._pump is not None else None
         return ServerStatus(
-            self.name, self.state.value, self._transport, pid, len(self.tools), self.restarts, self.last_error
+            self.name, self.state.value, self._spec.transport, pid, len(self.tools), self.restarts, self.last_error
         )
 
     async def run(self) -> None:
         """Connect, serve until the server dies, and start it again with backoff until stopped."""
-        try:
-            spec = parse_spec(self._raw)
-        except ConfigError as exc:
-            self.last_error = str(exc)
-            logger.error("mcp[%s] invalid server entry, skipped: %s", self.name, exc)
-            self._set_state(ServerState.FAILED)
-            self.settled.set()
-            return
+        spec = self._spec
         delay = self._settings.backoff_first_s
         try:
             while not self._stopping:
@@ -407,7 +356,7 @@ def describe(exc: BaseException) -> str:
     """One line for the log: the first leaf of an exception group, with its type."""
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
-    if isinstance(exc, StartError | ConfigError):
+    if isinstance(exc, StartError):
         return str(exc)
     if isinstance(exc, MCPError):
         return f"{exc.message} (MCP error {exc.code})"

@@ -34,11 +34,11 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from .child import run_child
-from .config import Config
+from ..common.child import run_child
+from ..common.config import Config
+from ..common.protocol import Listening, Ping, Pong, Ready, Shutdown, StartupFailed, StartupFailure, Stopped
 from .listen import bind_socket
-from .logs import LogHub, StreamPump
-from .protocol import Listening, Ping, Pong, Ready, Shutdown, StartupFailed, StartupFailure, Stopped
+from .log_file import LogHub, StreamPump
 
 log = logging.getLogger("llm_server.supervisor")
 
@@ -213,13 +213,13 @@ class Arbiter:
     def spawn_worker(self) -> None:
         http_end, worker_end = self.ctx.Pipe(duplex=True)
         self.http_pipe_end = http_end
-        self.worker = self._spawn("model-worker", "model_worker.worker:run_worker", worker_end, self.config)
+        self.worker = self._spawn("model-worker", "llm_server.worker.process:run_worker", worker_end, self.config)
 
     def spawn_http(self) -> None:
         assert self.http_pipe_end is not None
         # The HTTP process needs no MCP server settings (and so never holds their secrets).
         self.http = self._spawn(
-            "http", "supervisor.http_process:run_http", self.http_pipe_end, dataclasses.replace(self.config, servers={})
+            "http", "llm_server.http.process:run_http", self.http_pipe_end, dataclasses.replace(self.config, servers={})
         )
         self.http_pipe_end = None
 

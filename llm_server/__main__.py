@@ -1,0 +1,7 @@
+"""``python -m llm_server`` runs the daemon, like the ``llm-server`` script."""
+
+import sys
+
+from .supervisor.cli import main
+
+sys.exit(main())

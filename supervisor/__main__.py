@@ -1,7 +1,0 @@
-"""``python -m supervisor`` runs the daemon, like the ``llm-server`` script."""
-
-import sys
-
-from .cli import main
-
-sys.exit(main())

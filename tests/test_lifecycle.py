@@ -36,7 +36,7 @@ def test_signal_drains_in_flight_requests_then_exits_0(make_daemon: Callable[...
     1. start the daemon with long generations (max_tokens 1500);
     2. send 4 requests and wait until the log shows all 4 arrived;
     3. send the signal to the supervisor;
-    4. once the HTTP process logs that it is draining, a new connection is refused;
+    4. once the supervisor logs that the listener is closed, a new connection is refused;
     5. all 4 in-flight requests get 200 with a response;
     6. the daemon exits 0, the log shows the shutdown steps in order, no process is left.
     """
@@ -46,7 +46,7 @@ def test_signal_drains_in_flight_requests_then_exits_0(make_daemon: Callable[...
     threads, results = ask_in_background(daemon, [f"tell me a long story number {i}" for i in range(4)])
     daemon.wait_log("request from", count=4)
     daemon.signal(signum)
-    daemon.wait_log("http draining")
+    daemon.wait_log("listener closed")
     refused = not port_open(daemon.port)
     for t in threads:
         t.join(180)
@@ -61,7 +61,8 @@ def test_signal_drains_in_flight_requests_then_exits_0(make_daemon: Callable[...
     steps = [
         f"received {signal.Signals(signum).name}",
         "step 1/3",
-        "http draining: listener closed, 4 request(s) in flight",
+        "http draining: stopped accepting, 4 request(s) in flight",
+        "listener closed: 0 waiting connection(s) answered 503",
         "response 200",
         "http stopped",
         "step 2/3",
@@ -175,6 +176,38 @@ def worker_pid(daemon: Daemon) -> int:
     return pid
 
 
+def http_pid(daemon: Daemon) -> int:
+    (pid,) = [p for p in daemon.descendants() if cmdline(p) == "llm-server: http"]
+    return pid
+
+
+def test_http_crash_restarts_only_http(make_daemon: Callable[..., Daemon]) -> None:
+    """Scenario:
+    1. a long generation is in flight; the HTTP process is killed with SIGKILL;
+    2. the in-flight request's connection dies with it, and the worker cancels its generation;
+    3. only the HTTP process is restarted (before: the worker too, reloading the model): the
+       worker's pid is unchanged and the model was loaded once;
+    4. the port never closed: a request sent right after the kill waits in the backlog and
+       gets 200 from the new HTTP process.
+    """
+    daemon = make_daemon(max_tokens=3000).start().wait_serving()
+    worker = worker_pid(daemon)
+    threads, results = ask_in_background(daemon, ["a long story please"])
+    daemon.wait_log("request from")
+    os.kill(http_pid(daemon), signal.SIGKILL)
+    assert daemon.ask("are you there?", timeout=90).status == 200
+    threads[0].join(30)
+    assert not isinstance(results[0], HttpResult), results[0]  # its connection died with the process
+    daemon.wait_log("the http process went away: cancelling its 1 request(s)")
+    daemon.wait_log("generation cancelled after")
+    assert worker_pid(daemon) == worker
+    log = daemon.log_text()
+    assert "restarting the http process" in log and log.count("model worker ready") == 1
+    assert log.count("spawned model-worker") == 1
+    daemon.signal()
+    assert daemon.wait_exit() == 0
+
+
 def test_sigterm_during_a_restart_stops_the_daemon(make_daemon: Callable[..., Daemon]) -> None:
     """Scenario:
     1. the model worker is killed: the supervisor starts restarting the children;
@@ -184,7 +217,7 @@ def test_sigterm_during_a_restart_stops_the_daemon(make_daemon: Callable[..., Da
     """
     daemon = make_daemon().start().wait_serving()
     os.kill(worker_pid(daemon), signal.SIGKILL)
-    daemon.wait_log("restarting children")
+    daemon.wait_log("restarting the model worker")
     daemon.signal()
     assert daemon.wait_exit() == 0
     log = daemon.log_text()
@@ -256,7 +289,7 @@ def test_stuck_worker_is_dumped_killed_and_restarted(make_daemon: Callable[..., 
     daemon = make_daemon(worker_stall_timeout_s=2, env={"LLM_SERVER_FAULT": fault}).start().wait_serving()
     result = daemon.ask("hello", timeout=60)  # a hang would raise here, not answer
     assert result.status == 500, result
-    daemon.wait_log("restarting children")
+    daemon.wait_log("restarting the model worker")
     log = daemon.log_text()
     assert "is stuck: " + why in log
     assert "most recent call first" in log and "worker/engine.py" in log and "worker/process.py" in log
@@ -321,7 +354,7 @@ def test_death_of_the_engine_thread_fails_requests_and_restarts_the_worker(
         assert "engine died" in result.json()["Error"] and "injected fault" in result.json()["Error"]
     daemon.wait_log("the MLX thread died")
     daemon.wait_log("died with exit code 70")
-    daemon.wait_log("restarting children")
+    daemon.wait_log("restarting the model worker")
     daemon.wait_log("serving on", count=2, timeout=90)
     daemon.signal()
     assert daemon.wait_exit() == 0
@@ -375,18 +408,21 @@ def test_port_in_use_exits_4(make_daemon: Callable[..., Daemon], tiny_model: Pat
     assert "spawned model-worker" not in daemon.log_text()  # failed before loading anything
 
 
-def test_port_taken_while_model_loads_exits_4(make_daemon: Callable[..., Daemon]) -> None:
-    """Scenario: the port is free at start-up, another program takes it while the model loads;
-    the HTTP process cannot bind, the worker is stopped, and the daemon exits 4."""
+def test_port_is_held_from_the_start(make_daemon: Callable[..., Daemon]) -> None:
+    """Scenario: the supervisor binds the port before the model loads (before: the HTTP process
+    bound it only afterwards, so another program could take it meanwhile and the daemon exited 4
+    after a long load). Another program cannot bind it while the model loads, connections are
+    refused until the model is loaded (start order: MCP servers, model, listen), then served."""
     daemon = make_daemon().start()
     daemon.wait_log("spawned model-worker")
-    with socket.socket() as squatter:
+    with socket.socket() as squatter, pytest.raises(OSError):
         squatter.bind(("127.0.0.1", daemon.port))
-        squatter.listen()
-        assert daemon.wait_exit() == 4
-    log = daemon.log_text()
-    assert "http failed to start: cannot listen on" in log
-    assert "model-worker (pid" in log and "exiting with code 4" in log
+    if "serving on" not in daemon.log_text():
+        assert not port_open(daemon.port)
+    daemon.wait_serving()
+    assert daemon.ask("hello").status == 200
+    daemon.signal()
+    assert daemon.wait_exit() == 0
 
 
 def test_variables_come_from_environment(make_daemon: Callable[..., Daemon], tiny_model: Path) -> None:
@@ -448,7 +484,10 @@ def test_worker_crash_fails_pending_requests_and_is_restarted(make_daemon: Calla
     1. a request is in flight (long generation);
     2. the model worker is killed with SIGKILL;
     3. the request gets a 500 with a JSON error;
-    4. the supervisor restarts the worker and HTTP, and a new request gets 200.
+    4. while the new worker starts, the port stays open and requests get 503 JSON with
+       Retry-After, from the same HTTP process (before: both children were restarted and the
+       port was closed meanwhile);
+    5. once the new worker is ready, a new request gets 200.
     """
     daemon = make_daemon(max_tokens=3000).start().wait_serving()
     threads, results = ask_in_background(daemon, ["a long story please"])
@@ -460,11 +499,13 @@ def test_worker_crash_fails_pending_requests_and_is_restarted(make_daemon: Calla
     result = results[0]
     assert isinstance(result, HttpResult) and result.status == 500, result
     assert "worker" in result.json()["Error"]
-    daemon.wait_log("restarting children")
+    http_before = http_pid(daemon)
+    daemon.wait_log("restarting the model worker")
+    unavailable = daemon.ask("are you back?")
+    assert unavailable.status == 503, unavailable
+    assert unavailable.headers.get("retry-after") == "1" and "restarting" in unavailable.json()["Error"]
     daemon.wait_log("serving on", count=2, timeout=90)
-    deadline = time.monotonic() + 30
-    while not port_open(daemon.port) and time.monotonic() < deadline:
-        time.sleep(0.1)
     assert daemon.ask("are you back?").status == 200
+    assert http_pid(daemon) == http_before
     daemon.signal()
     assert daemon.wait_exit() == 0

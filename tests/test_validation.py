@@ -24,4 +24,4 @@ def test_rejections(body: bytes) -> None:
 def test_status_mapping_is_the_one_place() -> None:
     assert http_status(FailureCategory.BAD_REQUEST) == 400
     assert http_status(FailureCategory.INTERNAL) == 500
-    assert http_status(FailureCategory.UNAVAILABLE) == 500
+    assert http_status(FailureCategory.UNAVAILABLE) == 503

@@ -1,6 +1,7 @@
 """An asyncio-friendly end of a ``multiprocessing`` pipe.
 
-Both the HTTP process and the model worker talk over one duplex pipe. Reading it from the event
+The HTTP process and the model worker talk over one duplex data pipe (replaced whenever one of
+them restarts), and each hears from the supervisor over its control pipe. Reading it from the event
 loop with ``add_reader`` is tempting but breaks large messages (uvloop leaves the fd
 non-blocking, so a multi-megabyte prompt fails half-sent), so the channel owns two threads
 instead: a reader that hands every message to the loop with ``call_soon_threadsafe``, and a
@@ -55,7 +56,11 @@ class PipeChannel:
         self._deliver(self._mark_closed)
 
     def _mark_closed(self) -> None:
+        # A pipe is replaced when the process at its other end restarts: this one's threads and
+        # descriptor go now, so restarts leave nothing behind.
         self.closed = True
+        self._sender.shutdown(wait=False)
+        self._conn.close()
         self._on_closed()
 
     def _deliver(self, callback: Callable[..., None], *args: Any) -> bool:
@@ -70,7 +75,7 @@ class PipeChannel:
         try:
             await self._loop.run_in_executor(self._sender, self._conn.send, message)
             return True
-        except (OSError, EOFError, ValueError):
+        except (OSError, EOFError, ValueError, RuntimeError):  # RuntimeError: closed already
             return False
 
     def send_soon(self, message: Any) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 
 
 class FailureCategory(str, enum.Enum):
@@ -18,12 +19,13 @@ class FailureCategory(str, enum.Enum):
 
     BAD_REQUEST = "bad_request"  # the client's input cannot be served (e.g. too long)
     INTERNAL = "internal"  # generation or tool machinery failed
-    UNAVAILABLE = "unavailable"  # the model worker is gone or shutting down
+    UNAVAILABLE = "unavailable"  # not taken: no model worker right now (it is restarting); retry
 
 
 def http_status(category: FailureCategory) -> int:
-    """Map a failure category to the HTTP status the client sees (bad input 400, else 500)."""
-    return 400 if category is FailureCategory.BAD_REQUEST else 500
+    """Map a failure category to the HTTP status the client sees (bad input 400, not taken 503,
+    else 500)."""
+    return {FailureCategory.BAD_REQUEST: 400, FailureCategory.UNAVAILABLE: 503}.get(category, 500)
 
 
 # --- HTTP process -> model worker -------------------------------------------------------------
@@ -84,7 +86,6 @@ class StartupFailure(str, enum.Enum):
     """What kind of start-up failure a child reports; each has its own exit code."""
 
     MODEL = "model"
-    BIND = "bind"
     INTERNAL = "internal"
 
 
@@ -103,6 +104,21 @@ class Listening:
 
     host: str
     port: int
+
+
+@dataclass(frozen=True)
+class ListenerClosed:
+    """HTTP -> supervisor, while draining: it accepts no more connections; what is still in the
+    socket's backlog is the supervisor's to answer (503)."""
+
+
+@dataclass(frozen=True)
+class Link:
+    """Supervisor -> child: a fresh data pipe end to the other child, which was (re)started; it
+    replaces the previous one. (A ``Connection`` pickles through ``multiprocessing``'s resource
+    sharer, which passes the file descriptor itself.)"""
+
+    conn: Connection
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,13 @@
-"""The HTTP process: owns the listening socket and the table of pending requests.
+"""The HTTP process: serves the supervisor's listening socket and owns the table of pending requests.
 
-It validates each ``POST /``, forwards the prompt to the model worker over the pipe as a
+It validates each ``POST /``, forwards the prompt to the model worker over the data pipe as a
 ``Generate`` and answers when the matching ``Reply`` or ``Failure`` comes back; any number of
-requests wait at once, told apart by request id. It binds the port itself (so "port in use" is a
-clean start-up failure rather than a Sanic traceback) and leaves signals to the supervisor: a
-``Shutdown`` on its control pipe closes the listener and lets every in-flight request finish.
+requests wait at once, told apart by request id. The socket is the supervisor's (bound once,
+kept open across restarts); this process listens and accepts on it. When the worker restarts,
+the pipe to it closes: requests it had taken fail (500), new ones are answered 503 with
+``Retry-After`` until the supervisor sends a ``Link`` to the new worker. Signals are the
+supervisor's: a ``Shutdown`` on the control pipe stops accepting and lets every in-flight
+request finish.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import time
 import uuid
 from multiprocessing.connection import Connection
@@ -31,22 +35,24 @@ from ..common.protocol import (
     Failure,
     FailureCategory,
     Generate,
+    Link,
+    ListenerClosed,
     Listening,
     Reply,
     Shutdown,
-    StartupFailed,
-    StartupFailure,
     Stopped,
     http_status,
 )
-from ..supervisor.listen import Listener, bind_socket
 from .validation import BadRequest, parse_prompt
 
 log = logging.getLogger("llm_server.http")
 
 MAX_BODY_BYTES = 10_000_000  # "10 MB": larger bodies get 413, with or without Content-Length
+BACKLOG = 1024  # the kernel's accept queue: what waits while the HTTP process restarts
 DRAIN_QUIET_S = 0.2  # at shutdown, no new request for this long means every sent one was read
 DRAIN_SETTLE_MAX_S = 2.0  # ... but stop accepting after this long regardless
+RETRY_AFTER_S = "1"
+RESTARTING = "the model worker is restarting; retry shortly"
 
 
 def run_http(
@@ -55,21 +61,15 @@ def run_http(
     control_conn: Connection,
     log_queue: Any,
     output: Connection | None,
+    sock: socket.socket,
 ) -> None:
     """Entry point of the spawned HTTP child."""
     prepare_child("http", log_queue, config.log_level, output)
-    try:
-        sock = bind_socket(config.listening_host, config.listening_port)
-    except OSError as exc:
-        reason = f"cannot listen on {config.listening_host}:{config.listening_port}: {exc.strerror or exc}"
-        log.error(reason)
-        control_conn.send(StartupFailed(StartupFailure.BIND, reason))
-        return
-    listener = Listener(sock)
-    gateway = Gateway(worker_conn, control_conn, listener)
+    gateway = Gateway(worker_conn, control_conn, sock)
     app = build_app(config, gateway)
     app.run(
         sock=sock,
+        backlog=BACKLOG,
         single_process=True,
         register_sys_signals=False,
         motd=False,
@@ -80,74 +80,95 @@ def run_http(
     log.info(
         "http stopped: %d request(s) answered while draining, %d left unanswered", gateway.answered_while_draining, left
     )
-    control_conn.send(Stopped(f"answered {gateway.answered_while_draining} while draining"))
+    try:
+        control_conn.send(Stopped(f"answered {gateway.answered_while_draining} while draining"))
+    except OSError:
+        pass  # the supervisor is gone
 
 
 class Gateway:
-    """Owns the pending-request table: one future per request id, resolved by pipe messages."""
+    """Owns the pending-request table: one future per request id, resolved by pipe messages.
 
-    def __init__(self, worker_conn: Connection, control_conn: Connection, listener: Listener) -> None:
-        self._worker_conn = worker_conn
-        self.listener = listener
-        self._backlog_task: asyncio.Task[None] | None = None
-        self.last_request = 0.0  # monotonic time the newest request arrived
-        self._in_flight_at_drain = 0
+    Each entry remembers the worker link it was sent on, so the end of one worker fails only the
+    requests that worker had taken, never those already sent to its successor.
+    """
+
+    def __init__(self, worker_conn: Connection, control_conn: Connection, sock: socket.socket) -> None:
+        self._first_link: Connection | None = worker_conn
         self._control_conn = control_conn
-        self.pending: dict[str, asyncio.Future[Reply | Failure]] = {}
+        self._sock = sock
+        self.last_request = 0.0  # monotonic time the newest request arrived
+        self.pending: dict[str, tuple[asyncio.Future[Reply | Failure], PipeChannel]] = {}
         self.worker: PipeChannel | None = None
         self.control: PipeChannel | None = None
         self.draining = False
         self.answered_while_draining = 0
         self._app: Sanic | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def attach(self, app: Sanic, loop: asyncio.AbstractEventLoop) -> None:
         """Start the pipe readers on the server's loop (called once Sanic has one)."""
-        self._app = app
-        self.worker = PipeChannel(self._worker_conn, loop, self._on_reply, self._on_worker_gone, "worker")
+        self._app, self._loop = app, loop
         self.control = PipeChannel(self._control_conn, loop, self._on_control, self.begin_drain, "control")
-        self.worker.start()
+        assert self._first_link is not None
+        self._link(self._first_link)
+        self._first_link = None
         self.control.start()
+
+    def _link(self, conn: Connection) -> None:
+        assert self._loop is not None
+        channel = PipeChannel(conn, self._loop, self._on_reply, lambda: self._on_worker_gone(channel), "worker")
+        self.worker = channel
+        channel.start()
 
     async def ask(self, request_id: str, prompt: str) -> Reply | Failure:
         """Forward one prompt and wait for its answer; cancelling tells the worker to stop."""
-        assert self.worker is not None
-        if self.worker.closed:
-            return Failure(request_id, FailureCategory.UNAVAILABLE, "the model worker is not running")
+        channel = self.worker
+        if channel is None or channel.closed:
+            return Failure(request_id, FailureCategory.UNAVAILABLE, RESTARTING)
         future: asyncio.Future[Reply | Failure] = asyncio.get_running_loop().create_future()
-        self.pending[request_id] = future
+        self.pending[request_id] = (future, channel)
         try:
-            if not await self.worker.send(Generate(request_id, prompt)):
-                self._on_worker_gone()
+            if not await channel.send(Generate(request_id, prompt)):
+                return Failure(request_id, FailureCategory.UNAVAILABLE, RESTARTING)  # never taken
             return await future
         except asyncio.CancelledError:
-            self.worker.send_soon(Cancel(request_id))
+            channel.send_soon(Cancel(request_id))
             raise
         finally:
             self.pending.pop(request_id, None)
 
     def _on_reply(self, message: Any) -> None:
-        future = self.pending.get(getattr(message, "request_id", ""))
-        if future is not None and not future.done():
-            future.set_result(message)
+        entry = self.pending.get(getattr(message, "request_id", ""))
+        if entry is not None and not entry[0].done():
+            entry[0].set_result(message)
 
-    def _on_worker_gone(self) -> None:
-        for request_id, future in list(self.pending.items()):
+    def _on_worker_gone(self, channel: PipeChannel) -> None:
+        lost = [(rid, future) for rid, (future, sent_on) in self.pending.items() if sent_on is channel]
+        for request_id, future in lost:
             if not future.done():
                 future.set_result(
-                    Failure(request_id, FailureCategory.UNAVAILABLE, "the model worker stopped unexpectedly")
+                    Failure(request_id, FailureCategory.INTERNAL, "the model worker stopped unexpectedly")
                 )
+        if not self.draining:
+            log.warning(
+                "the model worker went away: %d request(s) failed; new requests get 503 until a new one is linked",
+                len(lost),
+            )
 
     def _on_control(self, message: Any) -> None:
         if isinstance(message, Shutdown):
             self.begin_drain()
+        elif isinstance(message, Link):
+            self._link(message.conn)
+            log.info("linked to a new model worker")
 
     def begin_drain(self) -> None:
-        """Close the listener; Sanic then waits for in-flight requests before returning."""
+        """Stop accepting; Sanic then waits for in-flight requests before returning."""
         if self.draining or self._app is None:
             return
         self.draining = True
-        self._in_flight_at_drain = len(self.pending)
-        self._backlog_task = asyncio.get_running_loop().create_task(self._drain())
+        asyncio.get_running_loop().create_task(self._drain())
 
     async def _drain(self) -> None:
         """Stop accepting without dropping anything already sent to us.
@@ -155,32 +176,19 @@ class Gateway:
         Connections Sanic has accepted but whose request it has not read yet count as idle, and
         Sanic closes idle connections when it stops (the client then sees a reset). So the loop
         first runs until no new request has come for a moment (those that come get 503); then
-        Sanic stops and closes its socket, and what is left in the kernel's backlog gets 503 too.
+        Sanic stops accepting and closes its handle on the socket, and the supervisor is told to
+        answer what is left in the kernel's backlog (503) and close the socket for good.
         """
         deadline = time.monotonic() + DRAIN_SETTLE_MAX_S
         while time.monotonic() < deadline and time.monotonic() - self.last_request < DRAIN_QUIET_S:
             await asyncio.sleep(0.02)
-        assert self._app is not None
+        assert self._app is not None and self.control is not None
+        in_flight = len(self.pending)
         self._app.stop(terminate=False)
-        while not self.listener.server_closed:
+        while self._sock.fileno() != -1:
             await asyncio.sleep(0.01)
-        self._listener_closed(await asyncio.to_thread(self.listener.answer_backlog))
-
-    def sweep_backlog(self) -> None:
-        """At the server's stop: if ``_drain`` did not get to the backlog (with nothing in flight
-        Sanic stops without running the loop again), answer it here."""
-        if self._backlog_task is not None and self._backlog_task.done():
-            return
-        if self._backlog_task is not None:
-            self._backlog_task.cancel()
-        self._listener_closed(self.listener.answer_backlog())
-
-    def _listener_closed(self, answered: int) -> None:
-        log.info(
-            "http draining: listener closed, %d request(s) in flight, %d waiting connection(s) answered 503",
-            self._in_flight_at_drain,
-            answered,
-        )
+        log.info("http draining: stopped accepting, %d request(s) in flight", in_flight)
+        await self.control.send(ListenerClosed())
 
 
 def build_app(config: Config, gateway: Gateway) -> Sanic:
@@ -196,10 +204,6 @@ def build_app(config: Config, gateway: Gateway) -> Sanic:
     @app.before_server_start
     async def _attach(app: Sanic) -> None:
         gateway.attach(app, asyncio.get_running_loop())
-
-    @app.after_server_stop
-    async def _sweep_backlog(app: Sanic) -> None:
-        gateway.sweep_backlog()
 
     @app.after_server_start
     async def _announce(app: Sanic) -> None:
@@ -223,8 +227,7 @@ def build_app(config: Config, gateway: Gateway) -> Sanic:
         started = gateway.last_request = time.monotonic()
         log.info("request from %s, %d bytes", request.remote_addr or request.ip, len(request.body))
         if gateway.draining:  # came in after the drain began: not taken, answered at once
-            return _answer(request_id, 503, {"Error": "the server is shutting down; retry shortly"}, started,
-                           headers={"Retry-After": "1"})  # fmt: skip
+            return _answer(request_id, 503, {"Error": "the server is shutting down; retry shortly"}, started)
         try:
             prompt = parse_prompt(request.body)
         except BadRequest as exc:
@@ -257,10 +260,8 @@ def build_app(config: Config, gateway: Gateway) -> Sanic:
     return app
 
 
-def _answer(
-    request_id: str, status: int, body: dict[str, str], started: float, detail: str = "",
-    headers: dict[str, str] | None = None,
-) -> HTTPResponse:  # fmt: skip
+def _answer(request_id: str, status: int, body: dict[str, str], started: float, detail: str = "") -> HTTPResponse:
+    """The JSON response, logged with its latency; a 503 says when to retry."""
     latency_ms = (time.monotonic() - started) * 1000
     level = logging.ERROR if status >= 500 else logging.INFO
     log.log(
@@ -271,7 +272,10 @@ def _answer(
         detail,
         "" if status == 200 else f" error={body.get('Error')!r}",
     )
-    return json_response(body, status=status, headers={"X-Request-Id": request_id, **(headers or {})})
+    headers = {"X-Request-Id": request_id}
+    if status == 503:
+        headers["Retry-After"] = RETRY_AFTER_S
+    return json_response(body, status=status, headers=headers)
 
 
 def _dumps(value: Any, **kwargs: Any) -> str:

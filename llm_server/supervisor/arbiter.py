@@ -1,17 +1,25 @@
 """The supervisor's process lifecycle: spawn, watch, restart and stop the two children.
 
-The arbiter owns both child processes and the order of things. Start: model worker first (it
-starts the MCP servers and loads the model), and only after its ``Ready`` the HTTP process,
-which binds the port. Stop: the HTTP process closes its listener and drains, then the worker
-frees the model and stops the MCP servers, each step with a deadline after which the child is
-killed.
+The arbiter owns both child processes, the listening socket and the order of things. Start: the
+port is bound at once (a busy port is exit 4 before anything loads, and nobody can take it while
+the model loads); then the model worker (it starts the MCP servers and loads the model), and only
+after its ``Ready`` the HTTP process, which is handed the socket and starts listening on it. Stop:
+the HTTP process stops accepting and drains; the connections still in the kernel's backlog get a
+503 here; then the worker frees the model and stops the MCP servers, each step with a deadline
+after which the child is killed.
+
+The children are restarted one at a time, each with a fresh data pipe to the other (sent over
+the other's control pipe as ``Link``): a dead or stuck worker is replaced while the HTTP process
+stays up and answers 503 with ``Retry-After``; a dead HTTP process is replaced while the worker
+keeps its loaded model, and connections wait in the backlog of the socket, which never closes.
 
 It is an explicit state machine (``State``: starting, serving, restarting, stopping). Signal
 handlers only record the signal and wake the loop; at every wake-up the loop takes *all* pending
 signals, in order, and what each means depends on the state: the first SIGTERM/SIGINT in any
 state asks for the ordered stop (while starting or restarting too: whatever was being started is
-stopped, exit 0); one more while stopping kills the children at once. Restarts are budgeted:
-``worker_restarts`` within any ``worker_restart_window_s``, then the daemon gives up (exit 5/6).
+stopped, exit 0); one more while stopping kills the children at once. Restarts (of either child)
+are budgeted: ``worker_restarts`` within any ``worker_restart_window_s``, then the daemon gives
+up (exit 5 for the worker, 6 for the HTTP process).
 
 Liveness: while serving, the worker is pinged over its control pipe. A worker whose event loop
 does not answer for ``worker_stall_timeout_s``, or whose MLX thread reports work pending without
@@ -27,6 +35,8 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -36,8 +46,19 @@ from typing import Any
 
 from ..common.child import run_child
 from ..common.config import Config
-from ..common.protocol import Listening, Ping, Pong, Ready, Shutdown, StartupFailed, StartupFailure, Stopped
-from .listen import bind_socket
+from ..common.protocol import (
+    Link,
+    ListenerClosed,
+    Listening,
+    Ping,
+    Pong,
+    Ready,
+    Shutdown,
+    StartupFailed,
+    StartupFailure,
+    Stopped,
+)
+from .listen import answer_unavailable, bind_socket, take_backlog
 from .log_file import LogHub, StreamPump
 
 log = logging.getLogger("llm_server.supervisor")
@@ -57,9 +78,10 @@ class ExitCode(enum.IntEnum):
 
 _STARTUP_EXIT = {
     StartupFailure.MODEL: ExitCode.MODEL,
-    StartupFailure.BIND: ExitCode.PORT,
     StartupFailure.INTERNAL: ExitCode.INTERNAL,
 }
+WORKER_ENTRY = "llm_server.worker.process:run_worker"
+HTTP_ENTRY = "llm_server.http.process:run_http"
 
 
 class State(enum.Enum):
@@ -115,7 +137,8 @@ class Arbiter:
         self.ctx = multiprocessing.get_context("spawn")
         self.worker: Child | None = None
         self.http: Child | None = None
-        self.http_pipe_end: Connection | None = None
+        self.sock: socket.socket | None = None  # bound at start, open until the very end
+        self._backlog_answers: threading.Thread | None = None
         self.signals: list[int] = []
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
@@ -168,69 +191,90 @@ class Arbiter:
         self.install_signal_handlers()
         os.set_blocking(self._wake_r, False)
         try:
-            self.check_port_free()
-            if not self.start_children():
+            self.bind()
+            if not self.start_worker():
                 return self.shutdown(ExitCode.OK, self.stop_reason or "stopped during start-up")
             return self.watch()
         except Fatal as exc:
             log.error("%s", exc)
             return self.shutdown(exc.code, str(exc))
 
-    def check_port_free(self) -> None:
-        """Fail in milliseconds, not after a long model load, when the port is taken."""
+    def bind(self) -> None:
+        """Take the port for the daemon's whole life, before anything loads: a busy port fails in
+        milliseconds, and nobody can take it while the model loads. (Bound, not yet listening:
+        connections are refused until the HTTP process listens, after the model is loaded.)"""
         try:
-            bind_socket(self.config.listening_host, self.config.listening_port).close()
+            self.sock = bind_socket(self.config.listening_host, self.config.listening_port)
         except OSError as exc:
             raise Fatal(
                 ExitCode.PORT,
                 f"cannot listen on {self.config.listening_host}:{self.config.listening_port}: {exc.strerror or exc}",
             ) from None
 
-    def start_children(self) -> bool:
-        """Worker, wait for ``Ready``, then HTTP, wait for ``Listening``. False on a signal."""
-        if self.stop_reason is not None:
-            return False
-        self.spawn_worker()
-        ready = self.await_message(self.worker, Ready)
-        if ready is None:
-            return False
-        log.info(
-            "model worker ready (pid %s): model %s, context window %s, %d tool(s)",
-            self.worker.pid,
-            ready.model_name,
-            ready.context_window,
-            ready.tools,
-        )
-        self.spawn_http()
-        listening = self.await_message(self.http, Listening)
+    def start_worker(self) -> bool:
+        """Spawn the worker and wait for ``Ready``; then link it to the HTTP process (started
+        here the first time). False if a signal came first."""
+        http_end, worker_end = self.ctx.Pipe(duplex=True)
+        try:
+            self.worker = self._spawn("model-worker", WORKER_ENTRY, worker_end, self.config)
+            ready = self.await_message(self.worker, Ready)
+            if ready is None:
+                return False
+            log.info(
+                "model worker ready (pid %s): model %s, context window %s, %d tool(s)",
+                self.worker.pid, ready.model_name, ready.context_window, ready.tools,
+            )  # fmt: skip
+            if self.http is not None:
+                self._send(self.http, Link(http_end))
+                log.info("http process linked to the new model worker")
+                self._serving()
+                return True
+            return self.start_http(http_end)
+        finally:
+            http_end.close()
+
+    def start_http(self, worker_link: Connection | None = None) -> bool:
+        """Spawn the HTTP process on the listening socket and wait for ``Listening``. Without
+        ``worker_link`` (a restart), a fresh pipe is made and its other end sent to the worker."""
+        worker_end = None
+        if worker_link is None:
+            worker_link, worker_end = self.ctx.Pipe(duplex=True)
+        try:
+            if worker_end is not None:
+                assert self.worker is not None
+                self._send(self.worker, Link(worker_end))
+            # The HTTP process needs no MCP server settings (and so never holds their secrets).
+            config = dataclasses.replace(self.config, servers={})
+            self.http = self._spawn("http", HTTP_ENTRY, worker_link, config, self.sock)
+            listening = self.await_message(self.http, Listening)
+        finally:
+            if worker_end is not None:
+                worker_end.close()
         if listening is None:
             return False
-        log.info("serving on http://%s:%d", listening.host, listening.port)
-        self._enter(State.SERVING)
-        self.last_pong = time.monotonic()
+        self._serving()
         return True
 
-    def spawn_worker(self) -> None:
-        http_end, worker_end = self.ctx.Pipe(duplex=True)
-        self.http_pipe_end = http_end
-        self.worker = self._spawn("model-worker", "llm_server.worker.process:run_worker", worker_end, self.config)
+    def _serving(self) -> None:
+        log.info("serving on http://%s:%d", self.config.listening_host, self.config.listening_port)
+        self._enter(State.SERVING)
+        self.last_pong = time.monotonic()
 
-    def spawn_http(self) -> None:
-        assert self.http_pipe_end is not None
-        # The HTTP process needs no MCP server settings (and so never holds their secrets).
-        self.http = self._spawn(
-            "http", "llm_server.http.process:run_http", self.http_pipe_end, dataclasses.replace(self.config, servers={})
-        )
-        self.http_pipe_end = None
+    def _send(self, child: Child, message: Any) -> None:
+        try:
+            child.control.send(message)
+        except (OSError, ValueError):
+            pass  # a dead child is seen through its sentinel
 
-    def _spawn(self, role: str, entry: str, data_end: Connection, config: Config) -> Child:
-        """Start ``entry`` ("module:function", imported in the child only) as a spawned child."""
+    def _spawn(self, role: str, entry: str, data_end: Connection, config: Config, *extra: Any) -> Child:
+        """Start ``entry`` ("module:function", imported in the child only) as a spawned child;
+        ``data_end`` (and the ``extra`` arguments, e.g. a socket) are handed over at spawn."""
         control_parent, control_child = self.ctx.Pipe(duplex=True)
         output_r, output_w = self.ctx.Pipe(duplex=False)
         process = self.ctx.Process(
             target=run_child,
             name=role,
-            args=(entry, config, data_end, control_child, self.hub.queue, output_w),
+            args=(entry, config, data_end, control_child, self.hub.queue, output_w, *extra),
         )
         # A Ctrl+C while the child is still importing would kill it with a traceback; the
         # child inherits "ignore" and keeps it (signals are the supervisor's business).
@@ -239,7 +283,7 @@ class Arbiter:
             process.start()
         finally:
             signal.signal(signal.SIGINT, previous)
-        for conn in (data_end, control_child, output_w):
+        for conn in (control_child, output_w):
             conn.close()
         StreamPump(output_r, f"{role}[{process.pid}]").start()
         log.info("spawned %s (pid %s)", role, process.pid)
@@ -271,7 +315,7 @@ class Arbiter:
                 )
 
     def watch(self) -> int:
-        """Serve until a signal; restart the worker (and HTTP with it) if it dies or is stuck."""
+        """Serve until a signal; restart a child that dies (or a worker that is stuck), alone."""
         stall_s = self.config.worker_stall_timeout_s
         ping_every = min(5.0, stall_s / 4)
         next_ping = time.monotonic()
@@ -295,19 +339,17 @@ class Arbiter:
                     self._drain_control(child)
             if self.worker.process.sentinel in ready:
                 self.worker.process.join()
-                self.recover(
-                    f"model worker (pid {self.worker.pid}) died with exit code {self.worker.process.exitcode}",
-                    ExitCode.WORKER_DIED,
+                self.restart_worker(
+                    f"model worker (pid {self.worker.pid}) died with exit code {self.worker.process.exitcode}"
                 )
             elif self.http.process.sentinel in ready:
                 self.http.process.join()
-                self.recover(
-                    f"http process (pid {self.http.pid}) died with exit code {self.http.process.exitcode}",
-                    ExitCode.HTTP_DIED,
+                self.restart_http(
+                    f"http process (pid {self.http.pid}) died with exit code {self.http.process.exitcode}"
                 )
             elif (stuck := self._stuck(stall_s)) is not None:
                 self.kill_stuck_worker(stuck)
-                self.recover(f"model worker (pid {self.worker.pid}) was stuck and killed", ExitCode.WORKER_DIED)
+                self.restart_worker(f"model worker (pid {self.worker.pid}) was stuck and killed")
 
     def _drain_control(self, child: Child) -> None:
         message = child.receive()
@@ -344,8 +386,29 @@ class Arbiter:
         self.worker.process.join()
         self.engine_stalled_s = 0.0
 
-    def recover(self, what: str, code: ExitCode) -> None:
-        """A child died: restart both (the port closes briefly), within the restart budget."""
+    def restart_worker(self, what: str) -> None:
+        """The worker is gone: start a new one; the HTTP process stays (and answers 503 meanwhile)."""
+        self._spend_restart(what, ExitCode.WORKER_DIED)
+        log.warning("restarting the model worker; the http process answers 503 until it is ready")
+        assert self.worker is not None
+        self.worker.control.close()
+        self.worker = None
+        if not self.start_worker():
+            raise Fatal(ExitCode.OK, self.stop_reason or "stopped during restart")
+
+    def restart_http(self, what: str) -> None:
+        """The HTTP process is gone: start a new one on the same socket; the worker (and its
+        loaded model) stays, and new connections wait in the backlog meanwhile."""
+        self._spend_restart(what, ExitCode.HTTP_DIED)
+        log.warning("restarting the http process; the model worker keeps running")
+        assert self.http is not None
+        self.http.control.close()
+        self.http = None
+        if not self.start_http():
+            raise Fatal(ExitCode.OK, self.stop_reason or "stopped during restart")
+
+    def _spend_restart(self, what: str, code: ExitCode) -> None:
+        """Log the death and take one restart from the window's budget, or give up with ``code``."""
         log.error("%s", what)
         now = time.monotonic()
         window = self.config.worker_restart_window_s
@@ -358,38 +421,48 @@ class Arbiter:
                 "worker_restarts / worker_restart_window_s)",
             )
         self.restart_times.append(now)
-        left = self.config.worker_restarts - len(self.restart_times)
         self._enter(State.RESTARTING)
-        log.warning("restarting children (%d more restart(s) allowed within %g s)", left, window)
-        self.stop_http("restart")
-        self.stop_worker("restart")
-        if not self.start_children():
-            raise Fatal(ExitCode.OK, self.stop_reason or "stopped during restart")
+        left = self.config.worker_restarts - len(self.restart_times)
+        log.info("%d more restart(s) allowed within %g s", left, window)
 
     # --- stopping -----------------------------------------------------------------------------
 
     def shutdown(self, code: ExitCode, why: str) -> int:
-        """The ordered stop: HTTP drains, then the worker unloads; every step logged."""
+        """The ordered stop: HTTP drains, the backlog is answered, then the worker unloads."""
         self._enter(State.STOPPING)
         log.info("shutdown (%s): step 1/3: closing the listener and draining in-flight requests", why)
-        self.stop_http(why)
+        self.stop_http()
+        self.close_listener()
         log.info("shutdown: step 2/3: stopping the model worker (unload model, stop MCP servers)")
-        self.stop_worker(why)
+        self.stop_worker()
+        if self._backlog_answers is not None:
+            self._backlog_answers.join(5.0)
         log.info("shutdown: step 3/3: all children exited; exiting with code %d", int(code))
         return int(code)
 
-    def stop_http(self, why: str) -> None:
+    def close_listener(self) -> None:
+        """Close the socket for good; connections the kernel already accepted into its backlog
+        are taken first and answered 503 (on a thread: a slow client must not hold up the stop)."""
+        if self.sock is None:
+            return
+        sock, self.sock = self.sock, None
+        waiting = take_backlog(sock)
+        log.info("listener closed: %d waiting connection(s) answered 503", len(waiting))
+        if waiting:
+            self._backlog_answers = threading.Thread(
+                target=answer_unavailable, args=(waiting,), name="backlog-503", daemon=True
+            )
+            self._backlog_answers.start()
+
+    def stop_http(self) -> None:
         if self.http is not None:
             self._stop_child(self.http, self.config.shutdown_timeout_s + 5)
             self.http = None
 
-    def stop_worker(self, why: str) -> None:
+    def stop_worker(self) -> None:
         if self.worker is not None:
             self._stop_child(self.worker, self.config.shutdown_timeout_s + 30)
             self.worker = None
-        if self.http_pipe_end is not None:
-            self.http_pipe_end.close()
-            self.http_pipe_end = None
 
     def _stop_child(self, child: Child, deadline_s: float) -> None:
         """Ask politely, wait up to the deadline, then SIGKILL; at once after a second signal."""
@@ -417,6 +490,8 @@ class Arbiter:
                     message = child.receive()
                     if isinstance(message, Stopped):
                         log.info("%s (pid %s) stopped: %s", child.role, child.pid, message.detail)
+                    elif isinstance(message, ListenerClosed) and self.state is State.STOPPING:
+                        self.close_listener()  # the drain goes on; what queues meanwhile gets 503
         process.join()
         self.hub.flush()  # the child's last records first, then ours
         log.info("%s (pid %s) exited with code %s", child.role, child.pid, process.exitcode)

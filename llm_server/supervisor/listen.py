@@ -1,7 +1,12 @@
-"""The listening socket: bound and listening before Sanic starts, so a busy port is a clean
-start-up failure (exit 4) rather than a Sanic traceback (light enough for the supervisor, which
-tries the port before it loads anything); and at shutdown, the connections still waiting in its
-backlog, which get a 503 instead of a reset."""
+"""The listening socket, owned by the supervisor from start to exit.
+
+It is bound once at start (a busy port is exit 4 before anything loads) and handed to each HTTP
+process, which listens and accepts on it; because the supervisor keeps its own handle, the socket
+stays open while an HTTP process restarts, and connections wait in the kernel's backlog for the
+next one. At shutdown, once the HTTP process has stopped accepting, ``take_backlog`` takes
+every connection still queued and closes the socket (new connections are refused from then on),
+and ``answer_unavailable`` answers each with a 503 JSON error: nothing the kernel accepted is reset.
+"""
 
 from __future__ import annotations
 
@@ -11,55 +16,39 @@ import uuid
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
-    """Bind and listen before Sanic starts, so a busy port is reported, not crashed on."""
+    """Bind (not listen: the HTTP process does that once the model is loaded)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
-        sock.listen(1024)
     except OSError:
         sock.close()
         raise
-    sock.set_inheritable(True)
     return sock
 
 
-class Listener:
-    """The listening socket handed to Sanic, plus a spare handle on it for the drain.
+def take_backlog(sock: socket.socket) -> list[socket.socket]:
+    """Take every connection waiting in the backlog, then close ``sock`` for good."""
+    waiting = []
+    sock.setblocking(False)
+    try:
+        while True:
+            try:
+                waiting.append(sock.accept()[0])
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:  # never listened (stopped before the HTTP process started)
+                break
+    finally:
+        sock.close()
+    return waiting
 
-    When Sanic stops accepting at shutdown it closes its socket, and connections the kernel has
-    already accepted into the backlog would be reset. The spare handle keeps the socket open a
-    moment longer: ``answer_backlog`` takes every connection still queued, closes the socket (new
-    connections are refused from then on), and answers each with a 503 JSON error.
-    """
 
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self._spare: socket.socket | None = sock.dup()
-
-    @property
-    def server_closed(self) -> bool:
-        return self.sock.fileno() == -1
-
-    def answer_backlog(self) -> int:
-        """Answer 503 to every connection still in the backlog, then close; how many there were."""
-        spare, self._spare = self._spare, None
-        if spare is None:
-            return 0
-        waiting = []
-        spare.setblocking(False)
-        try:
-            while True:
-                try:
-                    waiting.append(spare.accept()[0])
-                except (BlockingIOError, InterruptedError):
-                    break
-        finally:
-            spare.close()
-        for conn in waiting:
-            _answer_unavailable(conn)
-        return len(waiting)
+def answer_unavailable(waiting: list[socket.socket]) -> None:
+    """Answer each connection 503 (reading its request first)."""
+    for conn in waiting:
+        _answer_unavailable(conn)
 
 
 _UNAVAILABLE = json.dumps({"Error": "the server is shutting down; retry shortly"}).encode()
@@ -68,6 +57,7 @@ _UNAVAILABLE = json.dumps({"Error": "the server is shutting down; retry shortly"
 def _answer_unavailable(conn: socket.socket) -> None:
     """503 with Retry-After; the request is read first (closing unread data would send a reset)."""
     try:
+        conn.setblocking(True)
         conn.settimeout(0.5)
         data = b""
         while b"\r\n\r\n" not in data:

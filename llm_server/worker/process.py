@@ -2,8 +2,11 @@
 
 Start-up order is the daemon's contract: MCP servers first, then the model, then ``Ready`` to
 the supervisor (or ``StartupFailed``, after which the supervisor exits non-zero). Requests
-arrive on the HTTP pipe; each runs as its own asyncio task so tool calls of one request never
-hold up another request's generation. On ``Shutdown`` (or if the supervisor vanishes) it
+arrive on the data pipe from the HTTP process; each runs as its own asyncio task so tool calls of
+one request never hold up another request's generation, and answers on the pipe it came from.
+If the HTTP process dies, its pipe closes and its requests are cancelled (their clients are gone
+with it); the supervisor sends a ``Link`` with the pipe to its successor, and the loaded model
+stays. On ``Shutdown`` (or if the supervisor vanishes) it
 finishes what is in flight, frees the model on the MLX thread, stops the MCP servers and exits.
 If the engine's MLX thread dies instead, every request still open gets its failure at once, the
 MCP servers are stopped, and the process exits with ``ENGINE_DIED`` so the supervisor restarts it.
@@ -30,6 +33,7 @@ from ..common.protocol import (
     Failure,
     FailureCategory,
     Generate,
+    Link,
     Ping,
     Pong,
     Ready,
@@ -73,6 +77,7 @@ class Worker:
         self._http_conn = http_conn
         self._control_conn = control_conn
         self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.origin: dict[str, PipeChannel] = {}  # the pipe each request came on, to answer on
         self.stopping = asyncio.Event()
         self.engine: Engine | None = None
         self.control: PipeChannel | None = None
@@ -110,8 +115,7 @@ class Worker:
                 max_tool_rounds=self.config.max_tool_rounds,
                 host=host,
             )
-            self.http = PipeChannel(self._http_conn, loop, self._on_request, lambda: None, "http")
-            self.http.start()
+            self._link(self._http_conn)
             tools = len(host.tools())
             await control.send(Ready(self.config.model_name, engine.context_window, tools))
             died = asyncio.wrap_future(engine.died)
@@ -140,6 +144,22 @@ class Worker:
             tool_timeout_s=self.config.tool_timeout_s,
         )
 
+    def _link(self, conn: Connection) -> None:
+        """Take requests from the HTTP process at the other end of ``conn``."""
+        loop = asyncio.get_running_loop()
+        channel = PipeChannel(conn, loop, lambda m: self._on_request(m, channel), lambda: self._unlink(channel), "http")
+        channel.start()
+
+    def _unlink(self, channel: PipeChannel) -> None:
+        """The HTTP process at the other end is gone, and with it the clients of its requests."""
+        orphans = [rid for rid, origin in self.origin.items() if origin is channel]
+        if not self.stopping.is_set():
+            log.warning("the http process went away: cancelling its %d request(s)", len(orphans))
+        for request_id in orphans:
+            task = self.tasks.get(request_id)
+            if task is not None:
+                task.cancel()
+
     def _on_control(self, message: Any) -> None:
         if isinstance(message, Ping):
             # Answered from the event loop itself: a Pong proves it runs, and carries the engine's
@@ -150,40 +170,45 @@ class Worker:
         elif isinstance(message, Shutdown):
             log.info("shutdown requested: %d request(s) in flight", len(self.tasks))
             self.stopping.set()
+        elif isinstance(message, Link):
+            self._link(message.conn)
+            log.info("linked to a new http process")
 
-    def _on_request(self, message: Any) -> None:
+    def _on_request(self, message: Any, channel: PipeChannel) -> None:
         if self._fault == "loop-stall":  # test-only: the event loop hangs
             while True:
                 time.sleep(1)
         if isinstance(message, Generate):
-            task = asyncio.get_running_loop().create_task(self._serve(message))
-            self.tasks[message.request_id] = task
-            task.add_done_callback(lambda _: self.tasks.pop(message.request_id, None))
+            request_id = message.request_id
+            task = asyncio.get_running_loop().create_task(self._serve(message, channel))
+            self.tasks[request_id] = task
+            self.origin[request_id] = channel
+            task.add_done_callback(lambda _: (self.tasks.pop(request_id, None), self.origin.pop(request_id, None)))
         elif isinstance(message, Cancel):
             task = self.tasks.get(message.request_id)
             if task is not None:
                 log.info("client went away: cancelling", extra={"request_id": message.request_id})
                 task.cancel()
 
-    async def _serve(self, request: Generate) -> None:
+    async def _serve(self, request: Generate, http: PipeChannel) -> None:
         current_request.set(request.request_id)
         try:
             answer = await self.loop_.answer(request.prompt)
         except asyncio.CancelledError:
             return
         except PromptTooLong as exc:
-            await self.http.send(Failure(request.request_id, FailureCategory.BAD_REQUEST, str(exc)))
+            await http.send(Failure(request.request_id, FailureCategory.BAD_REQUEST, str(exc)))
             return
         except CancelledGeneration:
             return
         except EngineDead as exc:
-            await self.http.send(Failure(request.request_id, FailureCategory.INTERNAL, str(exc)))
+            await http.send(Failure(request.request_id, FailureCategory.INTERNAL, str(exc)))
             return
         except Exception as exc:
             log.exception("generation failed")
-            await self.http.send(Failure(request.request_id, FailureCategory.INTERNAL, f"generation failed: {exc}"))
+            await http.send(Failure(request.request_id, FailureCategory.INTERNAL, f"generation failed: {exc}"))
             return
-        await self.http.send(Reply(request.request_id, answer.text, answer.stats))
+        await http.send(Reply(request.request_id, answer.text, answer.stats))
 
     async def _fail_open_requests(self, why: str) -> None:
         """After the engine's death: requests whose generation failed answer on their own within
@@ -191,7 +216,9 @@ class Worker:
         if self.tasks:
             await asyncio.wait(list(self.tasks.values()), timeout=1.0)
         for request_id, task in list(self.tasks.items()):
-            await self.http.send(Failure(request_id, FailureCategory.INTERNAL, why))
+            origin = self.origin.get(request_id)
+            if origin is not None:
+                await origin.send(Failure(request_id, FailureCategory.INTERNAL, why))
             task.cancel()
 
     async def _drain(self) -> None:

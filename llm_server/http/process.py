@@ -116,10 +116,15 @@ class Gateway:
         self.control.start()
 
     def _link(self, conn: Connection) -> None:
+        """Send requests to the worker at the other end of ``conn``; a worker linked before is
+        gone (were its pipe still open, e.g. a copy held elsewhere, its requests fail now)."""
         assert self._loop is not None
+        previous = self.worker
         channel = PipeChannel(conn, self._loop, self._on_reply, lambda: self._on_worker_gone(channel), "worker")
         self.worker = channel
         channel.start()
+        if previous is not None and not previous.closed:
+            self._on_worker_gone(previous)
 
     async def ask(self, request_id: str, prompt: str) -> Reply | Failure:
         """Forward one prompt and wait for its answer; cancelling tells the worker to stop."""

@@ -283,7 +283,7 @@ class Arbiter:
             process.start()
         finally:
             signal.signal(signal.SIGINT, previous)
-        for conn in (control_child, output_w):
+        for conn in (data_end, control_child, output_w):  # the child's now; a copy here would hide its EOF
             conn.close()
         StreamPump(output_r, f"{role}[{process.pid}]").start()
         log.info("spawned %s (pid %s)", role, process.pid)

@@ -78,6 +78,7 @@ class Worker:
         self._control_conn = control_conn
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.origin: dict[str, PipeChannel] = {}  # the pipe each request came on, to answer on
+        self.http: PipeChannel | None = None  # the pipe from the current HTTP process
         self.stopping = asyncio.Event()
         self.engine: Engine | None = None
         self.control: PipeChannel | None = None
@@ -145,10 +146,15 @@ class Worker:
         )
 
     def _link(self, conn: Connection) -> None:
-        """Take requests from the HTTP process at the other end of ``conn``."""
+        """Take requests from the HTTP process at the other end of ``conn``; one linked before is
+        gone (were its pipe still open, e.g. a copy held elsewhere, its requests end now)."""
         loop = asyncio.get_running_loop()
+        previous = self.http
         channel = PipeChannel(conn, loop, lambda m: self._on_request(m, channel), lambda: self._unlink(channel), "http")
+        self.http = channel
         channel.start()
+        if previous is not None and not previous.closed:
+            self._unlink(previous)
 
     def _unlink(self, channel: PipeChannel) -> None:
         """The HTTP process at the other end is gone, and with it the clients of its requests."""

@@ -1,0 +1,194 @@
+"""Reading what the model generates: token ids → visible text, tool calls, hidden reasoning.
+
+One ``RoundReader`` per generation round, fed token ids as they come (streaming) or all at once.
+mlx-lm's streaming detokenizer turns them into text, and mlx-lm's ``TextStateMachine`` (built by
+``make_text_state_machine`` from the tokenizer's thinking and tool-call markers and the stop
+words, exactly as ``mlx_lm.server`` builds it) splits the text into normal text, reasoning and
+tool-call bodies, holding back whatever might still turn into a marker. Tool-call bodies are
+parsed with the tokenizer's own ``tool_parser``. Streamed or not, a round goes through this same
+code, so a streamed answer is the non-streamed answer in pieces.
+
+``VisibleText`` assembles what the client sees from the rounds of one request: each round's
+normal text with its outer whitespace trimmed, rounds separated by a blank line, handed out as
+soon as it is certain (trailing whitespace waits until more text follows it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Iterable, Sequence
+
+from mlx_lm.generate import TextStateMachine, make_text_state_machine
+
+from .chat import ToolCall
+
+log = logging.getLogger("llm_server.worker")
+
+
+def initial_state(tokenizer: Any, prompt: Sequence[int]) -> str:
+    """Where the generation starts: in reasoning if the prompt left a thinking block open (the
+    template opened it), else normal; as ``mlx_lm.server`` decides it."""
+    state = "normal"
+    if getattr(tokenizer, "has_thinking", False):
+        if tokenizer.rfind_think_start(prompt) > tokenizer.rfind_think_end(prompt):
+            state = "reasoning"
+    return getattr(tokenizer, "response_initial_state", None) or state
+
+
+@lru_cache(maxsize=64)
+def _machine(tokenizer: Any, stop_words: tuple[str, ...]) -> TextStateMachine:
+    return make_text_state_machine(tokenizer, list(stop_words))
+
+
+@dataclass(frozen=True)
+class ParsedOutput:
+    """A whole round's text split into visible text, tool calls and calls that did not parse."""
+
+    content: str
+    calls: list[ToolCall]
+    malformed: list[str]
+
+
+class TextReader:
+    """One round's generated *text*, split as it arrives (``feed``), closed by ``finish``."""
+
+    def __init__(
+        self, tokenizer: Any, tools: Sequence[dict[str, Any]] | None, start: str = "normal",
+        stop_words: Sequence[str] = (),
+    ) -> None:  # fmt: skip
+        self._parser = tokenizer.tool_parser if getattr(tokenizer, "has_tool_calling", False) else None
+        self._tools = list(tools or [])
+        self._state = _machine(tokenizer, tuple(stop_words)).make_state(start)
+        self._in = start
+        self._tool_text = ""
+        self.calls: list[ToolCall] = []
+        self.malformed: list[str] = []
+
+    def feed(self, text: str) -> str:
+        """Take more text; return the visible text it made certain."""
+        self._state, segments = TextStateMachine.split(self._state, text)
+        return self._route(segments)
+
+    def finish(self, finish_reason: str) -> str:
+        """The round ended: held-back text is shown after a length cut (it was no marker), and
+        dropped after a stop (a stop word or marker in the making); an open call is parsed."""
+        if finish_reason == "length":
+            self._state, rest, current = TextStateMachine.flush(self._state)
+            visible = self._route([(current, rest)])
+        else:
+            self._state, current = TextStateMachine.discard(self._state)
+            visible = ""
+        if self._in == "tool":
+            self._close_call()
+        return visible
+
+    def _route(self, segments: Iterable[tuple[str | None, str]]) -> str:
+        visible = []
+        for state, text in segments:
+            if self._in == "tool" and state != "tool":
+                self._close_call()
+            if state == "normal":
+                visible.append(text)
+            elif state == "tool":
+                self._tool_text += text
+            self._in = state or self._in
+        return "".join(visible)
+
+    def _close_call(self) -> None:
+        body, self._tool_text = self._tool_text, ""
+        if self._parser is None or not body.strip():
+            return
+        try:
+            parsed = self._parser(body, self._tools)
+        except Exception:  # noqa: BLE001 - any parser failure means "not a usable call"
+            self.malformed.append(body.strip())
+            return
+        for item in parsed if isinstance(parsed, list) else [parsed]:
+            call = _as_call(item)
+            if call is None:
+                self.malformed.append(body.strip())
+            else:
+                self.calls.append(call)
+
+
+class RoundReader(TextReader):
+    """One round's generated *token ids*: mlx-lm's streaming detokenizer in front of the text."""
+
+    def __init__(
+        self, tokenizer: Any, prompt: Sequence[int], tools: Sequence[dict[str, Any]] | None,
+        stop_words: Sequence[str] = (),
+    ) -> None:  # fmt: skip
+        super().__init__(tokenizer, tools, initial_state(tokenizer, prompt), stop_words)
+        self._detokenizer = tokenizer.detokenizer
+
+    def add(self, tokens: Iterable[int]) -> str:
+        for token in tokens:
+            self._detokenizer.add_token(token)
+        return self.feed(self._detokenizer.last_segment)
+
+    def close(self, finish_reason: str) -> str:
+        self._detokenizer.finalize()
+        return self.feed(self._detokenizer.last_segment) + self.finish(finish_reason)
+
+
+def parse_output(
+    tokenizer: Any, text: str, tools: Sequence[dict[str, Any]] | None, start: str = "normal"
+) -> ParsedOutput:
+    """A finished round's whole text, split at once (what ``TextReader`` does piece by piece)."""
+    reader = TextReader(tokenizer, tools, start)
+    content = reader.feed(text) + reader.finish("length")
+    return ParsedOutput(content.strip(), reader.calls, reader.malformed)
+
+
+class VisibleText:
+    """What the client sees of one request's rounds, released as soon as it is certain.
+
+    The whole, once ``close``d, is each round's text stripped, non-empty rounds joined by a blank
+    line; ``push`` hands out the same text in pieces.
+    """
+
+    def __init__(self) -> None:
+        self._parts: list[str] = []
+        self._held = ""  # trailing whitespace: shown only if more text follows in this round
+        self._round_open = False  # this round has shown text
+        self._shown_any = False
+
+    def new_round(self) -> None:
+        self._held = ""
+        self._round_open = False
+
+    def push(self, text: str) -> str:
+        if not self._round_open:
+            text = text.lstrip()
+            if not text:
+                return ""
+            if self._shown_any:
+                text = "\n\n" + text
+            self._round_open = self._shown_any = True
+        text = self._held + text
+        body = text.rstrip()
+        self._held = text[len(body) :]
+        if body:
+            self._parts.append(body)
+        return body
+
+    @property
+    def text(self) -> str:
+        return "".join(self._parts)
+
+
+def _as_call(item: Any) -> ToolCall | None:
+    if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+        return None
+    arguments = item.get("arguments", {})
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except ValueError:
+            return None
+    if not isinstance(arguments, dict):
+        return None
+    return ToolCall(item["name"], arguments)

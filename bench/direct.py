@@ -23,7 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llm_server.worker.chat import first_messages, render  # noqa: E402
+from llm_server.common.protocol import prompt_messages  # noqa: E402
+from llm_server.worker.chat import render  # noqa: E402
 
 
 def main() -> None:
@@ -75,7 +76,7 @@ def main() -> None:
     run_round = stream_round if args.side == "stream" else batch_round
     for line in sys.stdin:
         request = json.loads(line)
-        prompts = [render(tokenizer, first_messages(args.system_prompt, p), None) for p in request["prompts"]]
+        prompts = [render(tokenizer, prompt_messages(args.system_prompt, p), None) for p in request["prompts"]]
         started = time.perf_counter()
         results = run_round(prompts, request["max_tokens"])
         seconds = time.perf_counter() - started

@@ -1,4 +1,4 @@
-"""Prompt rendering and output parsing with a real tokenizer (the tiny model's, via mlx_lm)."""
+"""Prompt rendering and output reading with a real tokenizer (the tiny model's, via mlx_lm)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import pytest
 from mlx_lm.utils import load_tokenizer
 from tinymodel import ADD_TOOL
 
-from llm_server.worker.chat import ToolCall, first_messages, parse_output, render, tool_message
+from llm_server.common.protocol import prompt_messages
+from llm_server.worker.chat import ToolCall, render, template_messages, tool_message
+from llm_server.worker.output import RoundReader, TextReader, VisibleText
 
 CALL = '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>'
 
@@ -17,6 +19,14 @@ CALL = '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model: Path) -> Any:
     return load_tokenizer(tiny_model)
+
+
+def parse_output(tokenizer: Any, text: str, tools: Any) -> Any:
+    """A whole round's text read at once (what the worker does piece by piece)."""
+    reader = TextReader(tokenizer, tools)
+    reader.feed(text)
+    reader.finish("length")
+    return reader
 
 
 def test_tool_call_is_parsed_by_mlx_lm_and_markup_leaves_the_text(tokenizer: Any) -> None:
@@ -38,14 +48,48 @@ def test_markup_is_stripped_even_when_no_tools_were_offered(tokenizer: Any) -> N
     assert "<tool_call>" not in parsed.content and parsed.content == "The sum is 5."
 
 
-def test_a_stray_end_marker_is_removed_too(tokenizer: Any) -> None:
-    parsed = parse_output(tokenizer, 'I ehello"}}\n</tool_call> ok', [ADD_TOOL])
-    assert parsed.content == 'I ehello"}}\n ok' and parsed.calls == []
+def test_streamed_reading_equals_reading_at_once(tokenizer: Any) -> None:
+    """Fed one token at a time, the visible text is the same as fed all at once, and markup is
+    held back until it is known: no piece of ``<tool_call>`` ever shows."""
+    text = f"Let me add.\n{CALL}\nThe sum is 5.  "
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    whole, pieces = VisibleText(), VisibleText()
+    at_once = RoundReader(tokenizer, [], [ADD_TOOL])
+    whole.push(at_once.add(ids))
+    whole.push(at_once.close("length"))
+    one_by_one = RoundReader(tokenizer, [], [ADD_TOOL])
+    shown = [pieces.push(one_by_one.add([token])) for token in ids] + [pieces.push(one_by_one.close("length"))]
+    assert whole.text == pieces.text == "".join(shown) == "Let me add.\n\nThe sum is 5."
+    assert not any("<" in piece for piece in shown)
+    assert [(c.name, c.arguments) for c in one_by_one.calls] == [("add", {"a": 2, "b": 3})]
+
+
+def test_rounds_are_joined_by_a_blank_line_and_trimmed() -> None:
+    visible = VisibleText()
+    assert visible.push("  Let me check. ") == "Let me check."
+    visible.new_round()
+    assert visible.push("\n") == ""
+    assert visible.push(" It is 5") == "\n\nIt is 5"
+    assert visible.push(" \n") == ""
+    assert visible.text == "Let me check.\n\nIt is 5"
+
+
+def test_openai_messages_become_template_messages() -> None:
+    """mlx-lm's own conversion: text parts joined, null content, arguments decoded; on a copy."""
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "What is "}, {"type": "text", "text": "2 + 3?"}]},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}]},
+    ]
+    converted = template_messages(messages)
+    assert converted[0]["content"] == "What is 2 + 3?" and converted[1]["content"] == ""
+    assert converted[1]["tool_calls"][0]["function"]["arguments"] == {"a": 2, "b": 3}
+    assert messages[1]["content"] is None  # the request's own messages are untouched
 
 
 def test_render_shows_tools_and_tool_results(tokenizer: Any) -> None:
     call = ToolCall("add", {"a": 2, "b": 3}, id="call_0")
-    messages = first_messages("Be brief.", "What is 2 + 3?")
+    messages = prompt_messages("Be brief.", "What is 2 + 3?")
     messages += [
         {"role": "assistant", "content": "", "tool_calls": [
             {"type": "function", "id": "call_0", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]},
@@ -62,4 +106,4 @@ def test_error_results_say_so_to_the_model() -> None:
 
 
 def test_no_system_turn_for_an_empty_system_prompt() -> None:
-    assert first_messages("", "hi") == [{"role": "user", "content": "hi"}]
+    assert prompt_messages("", "hi") == [{"role": "user", "content": "hi"}]

@@ -16,7 +16,8 @@ from typing import Iterator
 
 import pytest
 
-from llm_server.worker.chat import first_messages, render
+from llm_server.common.protocol import prompt_messages
+from llm_server.worker.chat import render
 from llm_server.worker.engine import CancelledGeneration, Completion, Engine, EngineDead, SamplingSettings
 
 GREEDY = SamplingSettings(temperature=0.0, top_p=1.0, min_p=0.0, min_tokens_to_keep=1)
@@ -36,7 +37,7 @@ def engines(tiny_model: Path) -> Iterator[dict[str, Engine]]:
 
 
 def ids(engine: Engine, prompt: str) -> list[int]:
-    return render(engine.tokenizer, first_messages("You are a helpful assistant.", prompt), None)
+    return render(engine.tokenizer, prompt_messages("You are a helpful assistant.", prompt), None)
 
 
 def result(future: Future[Completion]) -> Completion:
@@ -75,6 +76,38 @@ def test_every_path_gives_the_same_greedy_tokens(engines: dict[str, Engine], cap
     second_time = result(cached.submit(ids(cached, PROMPTS[2]), 40))
     assert first_time.tokens == second_time.tokens == alone[2]
     assert first_time.cached_tokens == 0 and second_time.cached_tokens == len(ids(cached, PROMPTS[2])) - 1
+
+
+def test_per_request_settings_share_the_batch_and_stream(engines: dict[str, Engine]) -> None:
+    """Scenario:
+    1. alone: ``on_token`` sees exactly the completion's tokens, in order, before it resolves;
+    2. three requests at once in one batch, each with its own settings: a hot sampler
+       (temperature 5) next to two greedy ones, one of which has a stop word: the greedy ones
+       still match their reference (a sampler is per sequence), the hot one differs from it;
+    3. the stop word (the text of a token the reference generates) ends its sequence right
+       before that token, with finish reason "stop"; alone, the same happens.
+    """
+    engine = engines["plain"]
+    reference = [result(engine.submit(ids(engine, p), 40)) for p in PROMPTS]
+    seen: list[int] = []
+    streamed = result(engine.submit(ids(engine, PROMPTS[0]), 40, on_token=seen.append))
+    assert seen == streamed.tokens == reference[0].tokens
+
+    stop_at = next(i for i in range(5, 40) if engine.tokenizer.decode([reference[2].tokens[i]]).strip())
+    stop_word = engine.tokenizer.decode([reference[2].tokens[stop_at]])
+    hot = SamplingSettings(temperature=5.0, top_p=1.0, min_p=0.0, min_tokens_to_keep=1)
+    batch = [
+        engine.submit(ids(engine, PROMPTS[0]), 40, hot),
+        engine.submit(ids(engine, PROMPTS[1]), 40, GREEDY),
+        engine.submit(ids(engine, PROMPTS[2]), 40, None, (stop_word,)),
+    ]
+    got = [result(f) for f in batch]
+    assert got[0].tokens != reference[0].tokens
+    assert got[1].tokens == reference[1].tokens
+    first_stop = next(i for i, t in enumerate(reference[2].tokens) if engine.tokenizer.decode([t]) == stop_word)
+    assert got[2].finish_reason == "stop" and got[2].tokens == reference[2].tokens[:first_stop]
+    alone = result(engine.submit(ids(engine, PROMPTS[2]), 40, None, (stop_word,)))
+    assert alone.tokens == got[2].tokens and alone.finish_reason == "stop"
 
 
 def test_cancellation_frees_the_sequence_on_every_path(

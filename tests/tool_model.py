@@ -21,7 +21,8 @@ from typing import Any
 from tinymodel import Conversation, cached_trained_model
 
 from llm_server.common.config import parse_servers
-from llm_server.worker.chat import ToolCall, assistant_message, first_messages, tool_message, withdraw_tool_results
+from llm_server.common.protocol import prompt_messages
+from llm_server.worker.chat import ToolCall, assistant_message, tool_message, withdraw_tool_results
 from llm_server.worker.mcp_host import MCPHost
 
 TESTS = Path(__file__).resolve().parent
@@ -144,7 +145,7 @@ async def _record(host: MCPHost, turn: Turn) -> list[Conversation]:
     """One turn's conversation(s), with the calls made for real."""
     tools = host.tools()
     assert tools, f"no tools: {host.status()}"
-    messages = first_messages(SYSTEM_PROMPT, turn.prompt)
+    messages = prompt_messages(SYSTEM_PROMPT, turn.prompt)
     for n, (name, arguments) in enumerate(turn.calls):
         call = ToolCall(name, arguments, id=f"call_{n}")
         result = await host.call_tool(name, arguments)
@@ -152,7 +153,7 @@ async def _record(host: MCPHost, turn: Turn) -> list[Conversation]:
     if turn.overflow:
         # The daemon withdraws results that overflow the window and drops the tools: train the
         # call in the prompt with tools, and the answer in the prompt it then renders.
-        start = len(first_messages(SYSTEM_PROMPT, turn.prompt))
+        start = len(prompt_messages(SYSTEM_PROMPT, turn.prompt))
         withdrawn = copy.deepcopy(messages)
         withdraw_tool_results(withdrawn)
         return [
@@ -161,7 +162,7 @@ async def _record(host: MCPHost, turn: Turn) -> list[Conversation]:
         ]
     conversations = []
     if turn.bare is not None:  # the same calls, then the answer in the prompt without tools
-        done = 2 * turn.bare[0] + len(first_messages(SYSTEM_PROMPT, turn.prompt))
+        done = 2 * turn.bare[0] + len(prompt_messages(SYSTEM_PROMPT, turn.prompt))
         conversations.append(Conversation([*messages[:done], {"role": "assistant", "content": turn.bare[1]}], None))
     if turn.calls or turn.bare is None:
         conversations.append(Conversation([*messages, {"role": "assistant", "content": turn.answer}], tools))

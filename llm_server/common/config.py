@@ -66,6 +66,7 @@ class Config:
     worker_restart_window_s: float = 3600.0
     worker_stall_timeout_s: float = 300.0
     request_timeout_s: float = 3600.0
+    api_key: str | None = field(default=None, repr=False)  # a secret: never logged
     config_path: Path = field(default=Path("config.json"), compare=False)
 
 
@@ -120,6 +121,7 @@ def parse_config(raw: dict[str, Any], path: Path, log_filename: Path) -> Config:
         worker_restart_window_s=check.number("worker_restart_window_s", 0.0, 365 * 86400.0, True, 3600.0),
         worker_stall_timeout_s=check.number("worker_stall_timeout_s", 0.0, 86400.0, True, 300.0),
         request_timeout_s=check.number("request_timeout_s", 0.0, 7 * 86400.0, True, 3600.0),
+        api_key=check.optional_string("api_key"),
         config_path=path,
     )
 
@@ -203,6 +205,12 @@ class _Checker:
         if not isinstance(value, str) or (not allow_empty and not value.strip()):
             raise self._fail(key, "a string" if allow_empty else "a non-empty string")
         return value
+
+    def optional_string(self, key: str) -> str | None:
+        """Absent or null: None; otherwise a non-empty string (whose value is never quoted)."""
+        if self.values.get(key) is None:
+            return None
+        return self.string(key)
 
     def integer(self, key: str, low: int, high: int, *, default: Any = _MISSING) -> int:
         value = self._get(key, default)

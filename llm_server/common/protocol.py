@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
+from typing import Any
 
 
 class FailureCategory(str, enum.Enum):
@@ -31,12 +32,39 @@ def http_status(category: FailureCategory) -> int:
 # --- HTTP process -> model worker -------------------------------------------------------------
 
 
+def prompt_messages(system_prompt: str, prompt: str) -> list[dict[str, Any]]:
+    """The conversation a ``POST /`` prompt starts (no system turn when the system prompt is
+    empty); in the chat template's format, like every ``Generate``'s messages."""
+    messages: list[dict[str, Any]] = []
+    if system_prompt:
+        messages.append({"role": "system", "content": system_prompt})
+    messages.append({"role": "user", "content": prompt})
+    return messages
+
+
+@dataclass(frozen=True)
+class Options:
+    """One request's generation settings; None means the config's value."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    stop: tuple[str, ...] = ()  # stop words (not part of the answer)
+    client_tools: tuple[dict[str, Any], ...] = ()  # OpenAI function specs the client runs itself
+    use_tools: bool = True  # False (tool_choice "none"): no tools offered at all
+    stream: bool = False  # send ``Delta`` pieces before the ``Reply``
+
+
 @dataclass(frozen=True)
 class Generate:
-    """Answer ``prompt``; the worker replies with exactly one ``Reply`` or ``Failure``."""
+    """Answer the conversation ``messages`` (OpenAI-style, the whole history: nothing is kept
+    between requests); the worker replies with ``Delta``s if the request streams, then exactly
+    one ``Reply`` or ``Failure``."""
 
     request_id: str
-    prompt: str
+    messages: list[dict[str, Any]]
+    options: Options = field(default_factory=Options)
 
 
 @dataclass(frozen=True)
@@ -62,12 +90,31 @@ class GenerationStats:
 
 
 @dataclass(frozen=True)
+class ClientToolCall:
+    """A call of one of the client's own tools, for the client to run (``arguments``: JSON)."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
+class Delta:
+    """A piece of a streaming request's visible answer, as soon as it is decoded."""
+
+    request_id: str
+    text: str
+
+
+@dataclass(frozen=True)
 class Reply:
-    """The final answer to a ``Generate``."""
+    """The final answer to a ``Generate`` (when it streamed, ``text`` is the pieces joined)."""
 
     request_id: str
     text: str
     stats: GenerationStats = field(default_factory=GenerationStats)
+    finish_reason: str = "stop"  # "stop", "length" or "tool_calls"
+    tool_calls: tuple[ClientToolCall, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -158,4 +205,4 @@ class Stopped:
 
 
 WorkerBound = Generate | Cancel
-HttpBound = Reply | Failure
+HttpBound = Delta | Reply | Failure

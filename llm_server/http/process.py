@@ -1,8 +1,9 @@
 """The HTTP process: serves the supervisor's listening socket and owns the table of pending requests.
 
-It validates each ``POST /``, forwards the prompt to the model worker over the data pipe as a
-``Generate`` and answers when the matching ``Reply`` or ``Failure`` comes back; any number of
-requests wait at once, told apart by request id. The socket is the supervisor's (bound once,
+Each request (``routes``) is checked, turned into a conversation and forwarded to the model
+worker over the data pipe as a ``Generate``; what comes back for it (``Delta`` pieces when it
+streams, then one ``Reply`` or ``Failure``) is routed by request id to the handler waiting for it,
+any number at once. The socket is the supervisor's (bound once,
 kept open across restarts); this process listens and accepts on it. When the worker restarts,
 the pipe to it closes: requests it had taken fail (500), new ones are answered 503 with
 ``Retry-After`` until the supervisor sends a ``Link`` to the new worker. Signals are the
@@ -17,33 +18,31 @@ import json
 import logging
 import socket
 import time
-import uuid
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, AsyncIterator
 
 from sanic import Request, Sanic
-from sanic.exceptions import NotFound, SanicException
+from sanic.exceptions import SanicException
 from sanic.response import HTTPResponse
-from sanic.response import json as json_response
 
 from ..common.channel import PipeChannel
 from ..common.child import prepare_child
 from ..common.config import Config
-from ..common.logs import TRACE, current_request
 from ..common.protocol import (
     Cancel,
+    Delta,
     Failure,
     FailureCategory,
     Generate,
     Link,
     ListenerClosed,
     Listening,
+    Options,
     Reply,
     Shutdown,
     Stopped,
-    http_status,
 )
-from .validation import BadRequest, parse_prompt
+from . import routes
 
 log = logging.getLogger("llm_server.http")
 
@@ -51,7 +50,6 @@ MAX_BODY_BYTES = 10_000_000  # "10 MB": larger bodies get 413, with or without C
 BACKLOG = 1024  # the kernel's accept queue: what waits while the HTTP process restarts
 DRAIN_QUIET_S = 0.2  # at shutdown, no new request for this long means every sent one was read
 DRAIN_SETTLE_MAX_S = 2.0  # ... but stop accepting after this long regardless
-RETRY_AFTER_S = "1"
 RESTARTING = "the model worker is restarting; retry shortly"
 
 
@@ -89,8 +87,9 @@ def run_http(
 class Gateway:
     """Owns the pending-request table: one future per request id, resolved by pipe messages.
 
-    Each entry remembers the worker link it was sent on, so the end of one worker fails only the
-    requests that worker had taken, never those already sent to its successor.
+    Each entry is the request's inbox and the worker link it was sent on, so the end of one
+    worker fails only the requests that worker had taken, never those already sent to its
+    successor.
     """
 
     def __init__(self, worker_conn: Connection, control_conn: Connection, sock: socket.socket) -> None:
@@ -98,7 +97,7 @@ class Gateway:
         self._control_conn = control_conn
         self._sock = sock
         self.last_request = 0.0  # monotonic time the newest request arrived
-        self.pending: dict[str, tuple[asyncio.Future[Reply | Failure], PipeChannel]] = {}
+        self.pending: dict[str, tuple[asyncio.Queue[Delta | Reply | Failure], PipeChannel]] = {}
         self.worker: PipeChannel | None = None
         self.control: PipeChannel | None = None
         self.draining = False
@@ -126,35 +125,41 @@ class Gateway:
         if previous is not None and not previous.closed:
             self._on_worker_gone(previous)
 
-    async def ask(self, request_id: str, prompt: str) -> Reply | Failure:
-        """Forward one prompt and wait for its answer; cancelling tells the worker to stop."""
+    async def ask(
+        self, request_id: str, messages: list[dict[str, Any]], options: Options
+    ) -> AsyncIterator[Delta | Reply | Failure]:
+        """Forward one conversation; yield what comes back for it, ending with its ``Reply`` or
+        ``Failure``. Left early (the client went away), it tells the worker to stop."""
         channel = self.worker
         if channel is None or channel.closed:
-            return Failure(request_id, FailureCategory.UNAVAILABLE, RESTARTING)
-        future: asyncio.Future[Reply | Failure] = asyncio.get_running_loop().create_future()
-        self.pending[request_id] = (future, channel)
+            yield Failure(request_id, FailureCategory.UNAVAILABLE, RESTARTING)
+            return
+        inbox: asyncio.Queue[Delta | Reply | Failure] = asyncio.Queue()
+        self.pending[request_id] = (inbox, channel)
+        finished = False
         try:
-            if not await channel.send(Generate(request_id, prompt)):
-                return Failure(request_id, FailureCategory.UNAVAILABLE, RESTARTING)  # never taken
-            return await future
-        except asyncio.CancelledError:
-            channel.send_soon(Cancel(request_id))
-            raise
+            if not await channel.send(Generate(request_id, messages, options)):
+                finished = True
+                yield Failure(request_id, FailureCategory.UNAVAILABLE, RESTARTING)  # never taken
+                return
+            while not finished:
+                message = await inbox.get()
+                finished = not isinstance(message, Delta)
+                yield message
         finally:
             self.pending.pop(request_id, None)
+            if not finished:
+                channel.send_soon(Cancel(request_id))
 
     def _on_reply(self, message: Any) -> None:
         entry = self.pending.get(getattr(message, "request_id", ""))
-        if entry is not None and not entry[0].done():
-            entry[0].set_result(message)
+        if entry is not None:
+            entry[0].put_nowait(message)
 
     def _on_worker_gone(self, channel: PipeChannel) -> None:
-        lost = [(rid, future) for rid, (future, sent_on) in self.pending.items() if sent_on is channel]
-        for request_id, future in lost:
-            if not future.done():
-                future.set_result(
-                    Failure(request_id, FailureCategory.INTERNAL, "the model worker stopped unexpectedly")
-                )
+        lost = [(rid, inbox) for rid, (inbox, sent_on) in self.pending.items() if sent_on is channel]
+        for request_id, inbox in lost:
+            inbox.put_nowait(Failure(request_id, FailureCategory.INTERNAL, "the model worker stopped unexpectedly"))
         if not self.draining:
             log.warning(
                 "the model worker went away: %d request(s) failed; new requests get 503 until a new one is linked",
@@ -197,7 +202,8 @@ class Gateway:
 
 
 def build_app(config: Config, gateway: Gateway) -> Sanic:
-    """The Sanic application: one route, JSON everywhere, errors as ``{"Error": ...}``."""
+    """The Sanic application: JSON everywhere, errors as ``{"Error": ...}`` (the OpenAI error
+    object on ``/v1``)."""
     app = Sanic("llm_server", configure_logging=False, dumps=_dumps)
     app.config.REQUEST_MAX_SIZE = MAX_BODY_BYTES
     # A stuck worker is the supervisor's to detect (worker_stall_timeout_s); this is the client's
@@ -223,64 +229,21 @@ def build_app(config: Config, gateway: Gateway) -> Sanic:
             request.stream.keep_alive = False
             gateway.answered_while_draining += 1
 
-    @app.post("/")
-    async def generate(request: Request) -> HTTPResponse:
-        if request.path != "/":  # Sanic's router also matches "//" here; the contract names "/" only
-            raise NotFound(f"Requested URL {request.path} not found")
-        request_id = uuid.uuid4().hex[:16]
-        current_request.set(request_id)
-        started = gateway.last_request = time.monotonic()
-        log.info("request from %s, %d bytes", request.remote_addr or request.ip, len(request.body))
-        if gateway.draining:  # came in after the drain began: not taken, answered at once
-            return _answer(request_id, 503, {"Error": "the server is shutting down; retry shortly"}, started)
-        try:
-            prompt = parse_prompt(request.body)
-        except BadRequest as exc:
-            return _answer(request_id, 400, {"Error": str(exc)}, started)
-        log.log(TRACE, "prompt: %s", prompt)
-        result = await gateway.ask(request_id, prompt)
-        if isinstance(result, Reply):
-            stats = result.stats
-            log.log(TRACE, "response text: %s", result.text)
-            return _answer(
-                request_id,
-                200,
-                {"response": result.text},
-                started,
-                f"prompt_tokens={stats.prompt_tokens} completion_tokens={stats.completion_tokens} "
-                f"tool_calls={stats.tool_calls} cached_tokens={stats.cached_tokens}",
-            )
-        return _answer(request_id, http_status(result.category), {"Error": result.message}, started)
+    routes.register(app, config, gateway)
 
     @app.exception(SanicException)
     async def _sanic_error(request: Request, exc: SanicException) -> HTTPResponse:
         log.info("rejected %s %s: %d %s", request.method, request.path, exc.status_code, exc)
-        return json_response({"Error": str(exc)}, status=exc.status_code, headers=exc.headers)
+        response = routes.error_response(request, None, exc.status_code, str(exc))
+        response.headers.update(exc.headers or {})
+        return response
 
     @app.exception(Exception)
     async def _unexpected(request: Request, exc: Exception) -> HTTPResponse:
         log.exception("unexpected error while handling %s %s", request.method, request.path)
-        return json_response({"Error": "internal server error"}, status=500)
+        return routes.error_response(request, None, 500, "internal server error")
 
     return app
-
-
-def _answer(request_id: str, status: int, body: dict[str, str], started: float, detail: str = "") -> HTTPResponse:
-    """The JSON response, logged with its latency; a 503 says when to retry."""
-    latency_ms = (time.monotonic() - started) * 1000
-    level = logging.ERROR if status >= 500 else logging.INFO
-    log.log(
-        level,
-        "response %d in %.0f ms %s%s",
-        status,
-        latency_ms,
-        detail,
-        "" if status == 200 else f" error={body.get('Error')!r}",
-    )
-    headers = {"X-Request-Id": request_id}
-    if status == 503:
-        headers["Retry-After"] = RETRY_AFTER_S
-    return json_response(body, status=status, headers=headers)
 
 
 def _dumps(value: Any, **kwargs: Any) -> str:

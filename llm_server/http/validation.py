@@ -1,28 +1,37 @@
-"""Turning a request body into a prompt, strictly.
+"""Turning request bodies into typed requests, strictly.
 
 Sanic's ``request.json`` is lenient (it accepts ``NaN``, for one), so bodies are decoded here
 with the standard library: UTF-8 only, no non-standard constants, no pathological nesting, and no
-lone surrogates that would poison the tokenizer. Each rejection says what was wrong.
+lone surrogates that would poison the tokenizer. Each rejection says what was wrong and names the
+field, so a client can fix its request without reading code.
 """
 
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass
 from typing import Any
+
+from ..common.protocol import Options
 
 
 class BadRequest(ValueError):
-    """The body cannot be served; the message goes back to the client as ``{"Error": ...}``."""
+    """The body cannot be served; the message goes back to the client (``param``: the field)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 def _reject_constant(name: str) -> Any:
     raise BadRequest(f"body is not valid JSON: {name} is not a JSON value")
 
 
-def parse_prompt(body: bytes) -> str:
-    """Return the ``prompt`` of a JSON object body, or raise ``BadRequest``."""
+def decode_object(body: bytes, expected: str) -> dict[str, Any]:
+    """The JSON object in ``body`` (``expected`` says what it should hold, for the message)."""
     if not body:
-        raise BadRequest("body is empty; expected a JSON object with a string 'prompt'")
+        raise BadRequest(f"body is empty; expected a JSON object with {expected}")
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -36,22 +45,100 @@ def parse_prompt(body: bytes) -> str:
     except ValueError as exc:
         raise BadRequest(f"body is not valid JSON: {exc}") from None
     if not isinstance(document, dict):
-        raise BadRequest(f"body must be a JSON object, not {_json_type(document)}")
+        raise BadRequest(f"body must be a JSON object, not {json_type(document)}")
+    return document
+
+
+@dataclass(frozen=True)
+class PromptRequest:
+    """A valid ``POST /`` body."""
+
+    prompt: str
+    system_prompt: str | None  # None: the config's
+    options: Options
+
+
+def parse_prompt_request(body: bytes) -> PromptRequest:
+    """``POST /``: ``prompt`` (required), and the optional ``stream``, ``system_prompt``,
+    ``temperature``, ``top_p``, ``min_p``, ``max_tokens``; other fields are ignored."""
+    document = decode_object(body, "a string 'prompt'")
     if "prompt" not in document:
-        raise BadRequest("body has no 'prompt' field")
-    prompt = document["prompt"]
-    if not isinstance(prompt, str):
-        raise BadRequest(f"'prompt' must be a string, not {_json_type(prompt)}")
+        raise BadRequest("body has no 'prompt' field", "prompt")
+    prompt = text_field(document, "prompt", required=True)
+    assert prompt is not None
     if not prompt.strip():
-        raise BadRequest("'prompt' is empty")
+        raise BadRequest("'prompt' is empty", "prompt")
+    fields = Fields(document)
+    return PromptRequest(
+        prompt,
+        text_field(document, "system_prompt"),
+        Options(
+            max_tokens=fields.integer("max_tokens", 1, 10_000_000),
+            temperature=fields.number("temperature", 0.0, 100.0),
+            top_p=fields.number("top_p", 0.0, 1.0, low_open=True),
+            min_p=fields.number("min_p", 0.0, 1.0),
+            stream=fields.boolean("stream") or False,
+        ),
+    )
+
+
+def text_field(document: dict[str, Any], name: str, *, required: bool = False, where: str = "") -> str | None:
+    """A string field that the tokenizer can take (no unpaired surrogates), or None if absent."""
+    label = f"{where}{name}"
+    if name not in document or (document[name] is None and not required):
+        return None
+    value = document[name]
+    if not isinstance(value, str):
+        raise BadRequest(f"'{label}' must be a string, not {json_type(value)}", label)
     try:
-        prompt.encode("utf-8")
+        value.encode("utf-8")
     except UnicodeEncodeError:
-        raise BadRequest("'prompt' contains an unpaired UTF-16 surrogate escape") from None
-    return prompt
+        raise BadRequest(f"'{label}' contains an unpaired UTF-16 surrogate escape", label) from None
+    return value
 
 
-def _json_type(value: Any) -> str:
+class Fields:
+    """Optional typed fields of one JSON object; absent or null is None, a wrong value is a 400."""
+
+    def __init__(self, document: dict[str, Any], where: str = "") -> None:
+        self.document = document
+        self.where = where
+
+    def _get(self, name: str) -> Any:
+        return self.document.get(name)
+
+    def _fail(self, name: str, what: str) -> BadRequest:
+        return BadRequest(f"'{self.where}{name}' must be {what}", f"{self.where}{name}")
+
+    def number(self, name: str, low: float, high: float, *, low_open: bool = False) -> float | None:
+        value = self._get(name)
+        if value is None:
+            return None
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if ok:
+            ok = (value > low if low_open else value >= low) and value <= high
+        if not ok:
+            raise self._fail(name, f"a number {'>' if low_open else '>='} {low:g} and <= {high:g}")
+        return float(value)
+
+    def integer(self, name: str, low: int, high: int) -> int | None:
+        value = self._get(name)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise self._fail(name, f"an integer from {low} to {high}")
+        return value
+
+    def boolean(self, name: str) -> bool | None:
+        value = self._get(name)
+        if value is None:
+            return None
+        if not isinstance(value, bool):
+            raise self._fail(name, "true or false")
+        return value
+
+
+def json_type(value: Any) -> str:
     names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}
     if value is None:
         return "null"

@@ -3,8 +3,13 @@
 MLX streams belong to the thread that made them, and one model shared by several generating
 threads crashes, so (as in ``mlx_lm.server``) a single thread loads the model, runs every
 prefill and decode step, and finally frees the model. Other threads only ``submit`` token ids and
-get a ``concurrent.futures.Future`` back; nothing crosses threads per token, and decoding the
-tokens to text is left to the waiting thread.
+get a ``concurrent.futures.Future`` back; decoding the tokens to text is left to the waiting
+thread, and nothing crosses threads per token unless the caller streams (``on_token``).
+
+Per request: ``max_tokens``, the sampling settings (a sampler from mlx-lm's ``make_sampler``, one
+per distinct setting, so requests with different settings still share a batch through
+``BatchGenerator``'s per-sequence samplers) and stop words (mlx-lm's ``make_stop_sequences``:
+the end-of-sequence tokens plus each word's tokens, matched per sequence).
 
 Two paths, one at a time:
 
@@ -44,7 +49,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 log = logging.getLogger("llm_server.engine")
 
@@ -59,7 +64,7 @@ class EngineDead(Exception):
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    """What ``mlx_lm.sample_utils.make_sampler`` is built from (from the config)."""
+    """What ``mlx_lm.sample_utils.make_sampler`` is built from (the config's, or a request's)."""
 
     temperature: float
     top_p: float
@@ -84,6 +89,11 @@ class _Job:
     prompt: list[int]
     max_tokens: int
     future: Future[Completion]
+    sampling: SamplingSettings | None = None  # None: the engine's default
+    stop_words: tuple[str, ...] = ()
+    on_token: Callable[[int], None] | None = None  # called on the MLX thread (streaming)
+    sampler: Any = None  # made on the MLX thread
+    stops: Any = None  # StopSequences when there are stop words, made on the MLX thread
     tokens: list[int] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     uid: int | None = None
@@ -103,6 +113,7 @@ class Engine:
         self._cache: Any = None  # LRUPromptCache, made and used on the MLX thread only
         # Made by _load on the MLX thread: the sampler, stream and stop tokens both paths share.
         self._sampler: Any = None
+        self._samplers: dict[SamplingSettings, Any] = {}  # one per distinct request setting
         self._stream: Any = None
         self._eos: frozenset[int] = frozenset()
         self._solo_allowed = False
@@ -127,9 +138,13 @@ class Engine:
         self._thread.start()
         return self._loaded
 
-    def submit(self, prompt: list[int], max_tokens: int) -> Future[Completion]:
-        """Queue a generation; its future resolves with the ``Completion``."""
-        job = _Job(prompt, max_tokens, Future())
+    def submit(
+        self, prompt: list[int], max_tokens: int, sampling: SamplingSettings | None = None,
+        stop_words: tuple[str, ...] = (), on_token: Callable[[int], None] | None = None,
+    ) -> Future[Completion]:  # fmt: skip
+        """Queue a generation; its future resolves with the ``Completion``. ``on_token`` (for
+        streaming) gets each generated token on the MLX thread, before the future resolves."""
+        job = _Job(prompt, max_tokens, Future(), sampling, stop_words, on_token)
         with self._death_lock:
             if self._death is not None:
                 job.future.set_exception(self._death)
@@ -140,6 +155,11 @@ class Engine:
     def cancel(self, future: Future[Completion]) -> None:
         """Drop a submitted generation from the batch (the client went away)."""
         self._inbox.put(_Cancel(future))
+
+    def finish_early(self, future: Future[Completion]) -> None:
+        """End a generation now and resolve it with what it has (finish reason "stop"): its
+        text reached a stop word."""
+        self._inbox.put(_Cancel(future, keep=True))
 
     def stalled_for(self) -> float:
         """Seconds the MLX thread has had work without finishing a step (0 when idle or moving)."""
@@ -256,15 +276,16 @@ class Engine:
                     elif isinstance(item, _Cancel):
                         if solo is not None and solo.job.future is item.future:
                             solo.steps.close()
-                            _cancelled(item.future, len(solo.job.tokens))
+                            self._end(solo.job, item.keep)
                             solo = None
-                        elif any(job.future is item.future for job in arrived):  # not started yet
-                            arrived = [job for job in arrived if job.future is not item.future]
-                            _cancelled(item.future, 0)
+                        elif job := next((job for job in arrived if job.future is item.future), None):
+                            arrived.remove(job)  # not started yet
+                            self._end(job, item.keep)
                         else:
-                            self._cancel(generator, active, item.future)
+                            self._cancel(generator, active, item)
                     elif item.future.set_running_or_notify_cancel():
-                        arrived.append(item)
+                        if self._prepare(item):
+                            arrived.append(item)
                 if arrived:
                     if self._fault == "engine-stall":  # test-only: once per arrival, not per step
                         self._busy = True
@@ -288,6 +309,32 @@ class Engine:
             held = [*active.values(), *([solo.job] if solo else []), *arrived]
             self._die(exc, held)
             raise
+
+    def _prepare(self, job: _Job) -> bool:
+        """The job's sampler and stop sequences (mlx-lm's), made here on the MLX thread."""
+        from mlx_lm.generate import make_stop_sequences
+        from mlx_lm.sample_utils import make_sampler
+
+        try:
+            if job.sampling is None or job.sampling == self.sampling:
+                job.sampler = self._sampler
+            else:
+                job.sampler = self._samplers.get(job.sampling)
+                if job.sampler is None:
+                    if len(self._samplers) > 64:
+                        self._samplers.clear()
+                    job.sampler = self._samplers[job.sampling] = make_sampler(
+                        temp=job.sampling.temperature,
+                        top_p=job.sampling.top_p,
+                        min_p=job.sampling.min_p,
+                        min_tokens_to_keep=job.sampling.min_tokens_to_keep,
+                    )
+            if job.stop_words:
+                job.stops = make_stop_sequences(self.tokenizer, list(job.stop_words))
+        except Exception as exc:
+            job.future.set_exception(exc)
+            return False
+        return True
 
     def _die(self, exc: BaseException, held: list[_Job]) -> None:
         """Fail every request this thread holds or has queued; later submits fail at once."""
@@ -318,7 +365,7 @@ class Engine:
                 model,
                 self._stream,
                 max_tokens=job.max_tokens,
-                sampler=self._sampler,
+                sampler=job.sampler,
                 prompt_cache=cache,
                 prompt_progress_callback=self._prefilled,  # a long prompt is progress too
             )
@@ -326,7 +373,7 @@ class Engine:
             job.future.set_exception(exc)
             return None
         log.debug("sequence runs alone")
-        return _Solo(job, cache, steps, list(job.prompt))
+        return _Solo(job, cache, steps, list(job.prompt), job.stops.matcher() if job.stops else None)
 
     def _prefilled(self, done: int, total: int) -> None:
         self._progress = time.monotonic()
@@ -341,10 +388,12 @@ class Engine:
             job.future.set_exception(exc)
             return True
         solo.fed.append(token)  # generate_step has already fed it to the model
-        if token in self._eos:
+        if solo.stops.advance(token) if solo.stops is not None else token in self._eos:
             reason = "stop"
         else:
             job.tokens.append(token)
+            if job.on_token is not None:
+                job.on_token(token)
             if len(job.tokens) < job.max_tokens:
                 return False
             reason = "length"
@@ -371,6 +420,8 @@ class Engine:
                 max_tokens=[job.max_tokens - len(job.tokens)],
                 caches=[solo.cache],
                 all_tokens=[solo.fed[:-1]],
+                samplers=[job.sampler],
+                stop_sequences=[job.stops] if job.stops else None,
             )
         except Exception as exc:
             job.future.set_exception(exc)
@@ -386,7 +437,12 @@ class Engine:
             cache, rest = self._cached_prefix(job.prompt)
             job.cached_tokens = len(job.prompt) - len(rest)
             (uid,) = generator.insert(
-                [rest], max_tokens=[job.max_tokens], caches=[cache], all_tokens=[job.prompt[: job.cached_tokens]]
+                [rest],
+                max_tokens=[job.max_tokens],
+                caches=[cache],
+                all_tokens=[job.prompt[: job.cached_tokens]],
+                samplers=[job.sampler],
+                stop_sequences=[job.stops] if job.stops else None,
             )
         except Exception as exc:
             job.future.set_exception(exc)
@@ -415,13 +471,20 @@ class Engine:
         self._cache.insert_cache(_CACHE_KEY, tokens, cache)
         self._cache.trim_to(n_bytes=self.prompt_cache_bytes - generator.prompt_cache_nbytes)
 
-    def _cancel(self, generator: Any, active: dict[int, _Job], future: Future[Completion]) -> None:
+    def _cancel(self, generator: Any, active: dict[int, _Job], cancel: _Cancel) -> None:
         # The inbox is FIFO, so the job was already inserted (or finished) by now.
         for uid, job in list(active.items()):
-            if job.future is future:
+            if job.future is cancel.future:
                 del active[uid]
                 generator.remove([uid])
-                _cancelled(future, len(job.tokens))
+                self._end(job, cancel.keep)
+
+    def _end(self, job: _Job, keep: bool) -> None:
+        """A generation ended from outside: resolved with its tokens (``finish_early``), or cancelled."""
+        if keep:
+            self._finish(job, "stop")
+        else:
+            _cancelled(job.future, len(job.tokens))
 
     def _step(self, generator: Any, active: dict[int, _Job]) -> None:
         try:
@@ -440,6 +503,8 @@ class Engine:
                 continue
             if response.finish_reason != "stop":
                 job.tokens.append(response.token)
+                if job.on_token is not None:
+                    job.on_token(response.token)
             if response.finish_reason is not None:
                 if response.all_tokens:
                     self._remember(generator, list(response.all_tokens), response.prompt_cache)
@@ -469,6 +534,7 @@ class _Solo:
     cache: list[Any]
     steps: Iterator[tuple[int, Any]]
     fed: list[int]  # the tokens in `cache`: the prompt, then each generated token as it is fed
+    stops: Any = None  # a StopSequences matcher when the job has stop words (eos included)
 
 
 def _cancelled(future: Future[Completion], tokens: int) -> None:
@@ -483,6 +549,7 @@ class CancelledGeneration(Exception):
 @dataclass(frozen=True)
 class _Cancel:
     future: Future[Completion]
+    keep: bool = False  # resolve with the tokens so far instead of cancelling
 
 
 _NOTHING: Any = object()

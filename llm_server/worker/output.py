@@ -16,16 +16,12 @@ soon as it is certain (trailing whitespace waits until more text follows it).
 from __future__ import annotations
 
 import json
-import logging
-from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Iterable, Sequence
 
 from mlx_lm.generate import TextStateMachine, make_text_state_machine
 
 from .chat import ToolCall
-
-log = logging.getLogger("llm_server.worker")
 
 
 def initial_state(tokenizer: Any, prompt: Sequence[int]) -> str:
@@ -40,16 +36,37 @@ def initial_state(tokenizer: Any, prompt: Sequence[int]) -> str:
 
 @lru_cache(maxsize=64)
 def _machine(tokenizer: Any, stop_words: tuple[str, ...]) -> TextStateMachine:
-    return make_text_state_machine(tokenizer, list(stop_words))
+    """mlx-lm's ``make_text_state_machine``, except that a stop word *ends* the text (state None)
+    instead of being stripped and passed over: mlx-lm stops on a stop word's token ids only,
+    which misses the word whenever the model spells it with other tokens (" he" for "he"), so
+    here the text stops the generation itself (``TextReader.stopped``)."""
+    if not stop_words:
+        return make_text_state_machine(tokenizer)
+    transitions = _transitions(tokenizer)
+    for state in set(transitions) | {"normal"}:
+        transitions.setdefault(state, []).extend((word, None) for word in stop_words)
+    return TextStateMachine(transitions)
 
 
-@dataclass(frozen=True)
-class ParsedOutput:
-    """A whole round's text split into visible text, tool calls and calls that did not parse."""
-
-    content: str
-    calls: list[ToolCall]
-    malformed: list[str]
+def _transitions(tokenizer: Any) -> dict[str, list[tuple[str, str | None]]]:
+    """The reasoning and tool-call transitions exactly as ``make_text_state_machine`` (mlx-lm
+    0.32, ``generate.py``) builds them, which it does not expose on their own."""
+    transitions: dict[str, list[tuple[str, str | None]]] = {}
+    if tokenizer.has_thinking:
+        transitions.setdefault("normal", []).append((tokenizer.think_start, "reasoning"))
+        transitions["reasoning"] = [(tokenizer.think_end, "normal")]
+    if tokenizer.has_tool_calling:
+        targets = {dst for edges in tokenizer.response_transitions.values() for _, dst in edges}
+        if "tool" not in targets:
+            transitions.setdefault("normal", []).append((tokenizer.tool_call_start, "tool"))
+        if tokenizer.has_thinking:
+            transitions["reasoning"].append((tokenizer.tool_call_start, "tool"))
+        transitions["tool"] = [(tokenizer.tool_call_end, "normal")] if tokenizer.tool_call_end else []
+    for marker in tokenizer.structural_markers or ():
+        transitions.setdefault("normal", []).append((marker, "normal"))
+    for state, edges in tokenizer.response_transitions.items():
+        transitions.setdefault(state, []).extend(edges)
+    return transitions
 
 
 class TextReader:
@@ -66,16 +83,31 @@ class TextReader:
         self._tool_text = ""
         self.calls: list[ToolCall] = []
         self.malformed: list[str] = []
+        self._shown: list[str] = []
+
+    @property
+    def content(self) -> str:
+        """The round's visible text so far, trimmed (what the conversation keeps of it)."""
+        return "".join(self._shown).strip()
+
+    @property
+    def stopped(self) -> bool:
+        """A stop word has appeared: nothing after it counts, and the generation may end."""
+        return self._state[0] is None
 
     def feed(self, text: str) -> str:
         """Take more text; return the visible text it made certain."""
+        if self.stopped:
+            return ""
         self._state, segments = TextStateMachine.split(self._state, text)
         return self._route(segments)
 
     def finish(self, finish_reason: str) -> str:
         """The round ended: held-back text is shown after a length cut (it was no marker), and
         dropped after a stop (a stop word or marker in the making); an open call is parsed."""
-        if finish_reason == "length":
+        if self.stopped:
+            visible = ""
+        elif finish_reason == "length":
             self._state, rest, current = TextStateMachine.flush(self._state)
             visible = self._route([(current, rest)])
         else:
@@ -92,6 +124,7 @@ class TextReader:
                 self._close_call()
             if state == "normal":
                 visible.append(text)
+                self._shown.append(text)
             elif state == "tool":
                 self._tool_text += text
             self._in = state or self._in
@@ -132,15 +165,6 @@ class RoundReader(TextReader):
     def close(self, finish_reason: str) -> str:
         self._detokenizer.finalize()
         return self.feed(self._detokenizer.last_segment) + self.finish(finish_reason)
-
-
-def parse_output(
-    tokenizer: Any, text: str, tools: Sequence[dict[str, Any]] | None, start: str = "normal"
-) -> ParsedOutput:
-    """A finished round's whole text, split at once (what ``TextReader`` does piece by piece)."""
-    reader = TextReader(tokenizer, tools, start)
-    content = reader.feed(text) + reader.finish("length")
-    return ParsedOutput(content.strip(), reader.calls, reader.malformed)
 
 
 class VisibleText:

@@ -30,6 +30,7 @@ from ..common.config import Config
 from ..common.logs import current_request
 from ..common.protocol import (
     Cancel,
+    Delta,
     Failure,
     FailureCategory,
     Generate,
@@ -43,9 +44,10 @@ from ..common.protocol import (
     StartupFailure,
     Stopped,
 )
+from .chat import template_messages
 from .engine import CancelledGeneration, Engine, EngineDead, ModelLoadError, SamplingSettings
 from .mcp_host import MCPHost
-from .tool_loop import PromptTooLong, ToolLoop
+from .tool_loop import PromptTooLong, ToolClash, ToolLoop
 
 log = logging.getLogger("llm_server.worker")
 
@@ -111,7 +113,7 @@ class Worker:
                 return 0
             self.loop_ = ToolLoop(
                 engine,
-                system_prompt=self.config.system_prompt,
+                sampling=engine.sampling,
                 max_tokens=self.config.max_tokens,
                 max_tool_rounds=self.config.max_tool_rounds,
                 host=host,
@@ -197,24 +199,31 @@ class Worker:
                 task.cancel()
 
     async def _serve(self, request: Generate, http: PipeChannel) -> None:
-        current_request.set(request.request_id)
+        request_id = request.request_id
+        current_request.set(request_id)
+        on_text = None
+        if request.options.stream:
+
+            def on_text(text: str) -> None:
+                http.send_soon(Delta(request_id, text))  # the same ordered sender as the Reply
+
         try:
-            answer = await self.loop_.answer(request.prompt)
+            answer = await self.loop_.answer(template_messages(request.messages), request.options, on_text)
         except asyncio.CancelledError:
             return
-        except PromptTooLong as exc:
-            await http.send(Failure(request.request_id, FailureCategory.BAD_REQUEST, str(exc)))
+        except (PromptTooLong, ToolClash) as exc:
+            await http.send(Failure(request_id, FailureCategory.BAD_REQUEST, str(exc)))
             return
         except CancelledGeneration:
             return
         except EngineDead as exc:
-            await http.send(Failure(request.request_id, FailureCategory.INTERNAL, str(exc)))
+            await http.send(Failure(request_id, FailureCategory.INTERNAL, str(exc)))
             return
         except Exception as exc:
             log.exception("generation failed")
-            await http.send(Failure(request.request_id, FailureCategory.INTERNAL, f"generation failed: {exc}"))
+            await http.send(Failure(request_id, FailureCategory.INTERNAL, f"generation failed: {exc}"))
             return
-        await http.send(Reply(request.request_id, answer.text, answer.stats))
+        await http.send(Reply(request_id, answer.text, answer.stats, answer.finish_reason, answer.tool_calls))
 
     async def _fail_open_requests(self, why: str) -> None:
         """After the engine's death: requests whose generation failed answer on their own within

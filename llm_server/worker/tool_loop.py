@@ -1,38 +1,41 @@
-"""Answering one prompt: generate, run the tools the model asks for, generate again.
+"""Answering one conversation: generate, run the tools the model asks for, generate again.
 
 This is the request-level logic of the worker, kept apart from MLX (``engine``) and MCP
-(``mcp_host``) so it reads top to bottom: render the conversation with the live tool list,
-generate, parse tool calls with the tokenizer's parser, call each tool once (never retried:
-tools have side effects), append the results as ``tool`` messages, and repeat until the model
-answers in plain text or the round limit is reached, after which it answers without tools.
+(``mcp_host``) so it reads top to bottom: render the conversation with the tools on offer (the
+MCP servers' live tools and the client's own), generate, read the output with mlx-lm's
+detokenizer and text state machine (``output``), call each MCP tool once (never retried: tools
+have side effects), append the results as ``tool`` messages, and repeat until the model answers
+in plain text or the round limit is reached, after which it answers without tools. A call to one
+of the client's tools ends the turn instead: the calls go back to the client to run
+(``finish_reason`` ``tool_calls``). When the client streams, each round's visible text is handed
+out as it is decoded; reasoning and tool-call markup never are.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
-from ..common.protocol import GenerationStats
-from .chat import (
-    ToolCall,
-    assistant_message,
-    first_messages,
-    parse_output,
-    render,
-    tool_message,
-    withdraw_tool_results,
-)
-from .engine import Completion, Engine
+from ..common.protocol import ClientToolCall, GenerationStats, Options
+from .chat import Message, ToolCall, assistant_message, render, tool_message, withdraw_tool_results
+from .engine import Completion, Engine, SamplingSettings
+from .output import RoundReader, VisibleText
 
 log = logging.getLogger("llm_server.worker")
 
 
 class PromptTooLong(Exception):
     """The user's prompt does not fit the model's context window (the client's fault: 400)."""
+
+
+class ToolClash(Exception):
+    """A client tool has the name of a server tool (the client's fault: 400)."""
 
 
 class ContextExhausted(Exception):
@@ -58,22 +61,24 @@ class ToolHost(Protocol):
 class Answer:
     text: str
     stats: GenerationStats
+    finish_reason: str = "stop"  # "stop", "length" or "tool_calls"
+    tool_calls: tuple[ClientToolCall, ...] = ()  # calls of the client's tools, for it to run
 
 
 class ToolLoop:
-    """Turns a prompt into the final assistant text, with the host's live tools (possibly none)."""
+    """Turns a conversation into the assistant's answer, with the host's live tools (possibly none)."""
 
     def __init__(
         self,
         engine: Engine,
         *,
-        system_prompt: str,
+        sampling: SamplingSettings,
         max_tokens: int,
         max_tool_rounds: int,
         host: ToolHost,
     ) -> None:
         self.engine = engine
-        self.system_prompt = system_prompt
+        self.sampling = sampling
         self.max_tokens = max_tokens
         self.max_tool_rounds = max_tool_rounds
         self.host = host
@@ -81,21 +86,29 @@ class ToolLoop:
         # GIL with the MLX thread, and a fixed pool keeps the worker's thread count flat.
         self._renderer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="render")
 
-    async def answer(self, prompt: str) -> Answer:
+    async def answer(
+        self, messages: list[Message], options: Options, on_text: Callable[[str], None] | None = None
+    ) -> Answer:
+        """Answer ``messages`` (the whole conversation); ``on_text`` gets visible text as it comes."""
         started = time.monotonic()
         tokenizer = self.engine.tokenizer
-        messages = first_messages(self.system_prompt, prompt)
+        client_tools = list(options.client_tools) if options.use_tools else []
+        client_names = {tool["function"]["name"] for tool in client_tools}
+        sampling = self._sampling(options)
+        visible = VisibleText()
         rounds = calls_made = completion_tokens = 0
         prompt_tokens = cached_tokens = 0
         overflowed = False
         while True:
             limit_reached = rounds >= self.max_tool_rounds
-            tools = None if limit_reached or overflowed else (self.host.tools() or None)
+            tools = None
+            if options.use_tools and not limit_reached and not overflowed:
+                tools = self._offer(client_tools) or None
             if limit_reached and rounds and not overflowed:
                 log.info("tool round limit (%d) reached: answering without tools", self.max_tool_rounds)
             ids = await asyncio.get_running_loop().run_in_executor(self._renderer, render, tokenizer, messages, tools)
             try:
-                budget = self._budget(len(ids), first=rounds == 0)
+                budget = self._budget(len(ids), options, first=rounds == 0)
             except ContextExhausted:
                 if overflowed:
                     raise
@@ -110,29 +123,60 @@ class ToolLoop:
                 continue
             if rounds == 0:
                 prompt_tokens = len(ids)
-            completion = await self._generate(ids, budget)
+            reader = RoundReader(tokenizer, ids, tools, options.stop)
+            visible.new_round()
+            completion = await self._generate(ids, budget, sampling, options, reader, visible, on_text)
             completion_tokens += completion.completion_tokens
             cached_tokens += completion.cached_tokens
-            # Decoded here, not on the MLX thread, which has the next step to run.
-            parsed = parse_output(tokenizer, tokenizer.decode(completion.tokens), tools)
-            for body in parsed.malformed:
+            for body in reader.malformed:
                 log.warning("model emitted a tool call that does not parse: %.200s", body)
-            if not parsed.calls or tools is None:
-                stats = GenerationStats(
+
+            def stats() -> GenerationStats:
+                return GenerationStats(
                     prompt_tokens, completion_tokens, calls_made, rounds + 1, time.monotonic() - started, cached_tokens
                 )
-                return Answer(parsed.content, stats)
+
+            if not reader.calls or tools is None:
+                return Answer(visible.text, stats(), "length" if completion.finish_reason == "length" else "stop")
+            for_client = [call for call in reader.calls if call.name in client_names]
+            if for_client:
+                # The client runs these; server tools called in the same round are not run (the
+                # client could not be shown their results: nothing is kept between requests).
+                calls = tuple(ClientToolCall(c.id, c.name, json.dumps(c.arguments)) for c in for_client)
+                log.info("returning %d call(s) of the client's tools", len(calls))
+                return Answer(visible.text, stats(), "tool_calls", calls)
             rounds += 1
-            messages.append(assistant_message(parsed.content, parsed.calls))
-            for call in parsed.calls:
+            messages.append(assistant_message(reader.content, reader.calls))
+            for call in reader.calls:
                 calls_made += 1
                 result = await self._call(call)
                 messages.append(tool_message(call, result.text, result.is_error))
 
-    def _budget(self, prompt_len: int, first: bool) -> int:
+    def _offer(self, client_tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The server's live tools, then the client's; a shared name is the client's mistake."""
+        server_tools = self.host.tools()
+        names = {tool["function"]["name"] for tool in server_tools}
+        for tool in client_tools:
+            if tool["function"]["name"] in names:
+                raise ToolClash(f"tool {tool['function']['name']!r} clashes with a tool of this server's MCP servers")
+        return server_tools + client_tools
+
+    def _sampling(self, options: Options) -> SamplingSettings | None:
+        """The request's own sampling settings, or None for the config's."""
+        if options.temperature is None and options.top_p is None and options.min_p is None:
+            return None
+        return SamplingSettings(
+            self.sampling.temperature if options.temperature is None else options.temperature,
+            self.sampling.top_p if options.top_p is None else options.top_p,
+            self.sampling.min_p if options.min_p is None else options.min_p,
+            self.sampling.min_tokens_to_keep,
+        )
+
+    def _budget(self, prompt_len: int, options: Options, first: bool) -> int:
+        wanted = self.max_tokens if options.max_tokens is None else options.max_tokens
         window = self.engine.context_window
         if window is None:
-            return self.max_tokens
+            return wanted
         room = window - prompt_len
         if room <= 0:
             if first:
@@ -143,15 +187,46 @@ class ToolLoop:
             raise ContextExhausted(
                 f"tool results filled the model's context window ({window} tokens) before it answered"
             )
-        return min(self.max_tokens, room)
+        return min(wanted, room)
 
-    async def _generate(self, ids: list[int], budget: int) -> Completion:
-        future = self.engine.submit(ids, budget)
+    async def _generate(
+        self, ids: list[int], budget: int, sampling: SamplingSettings | None, options: Options,
+        reader: RoundReader, visible: VisibleText, on_text: Callable[[str], None] | None,
+    ) -> Completion:  # fmt: skip
+        """One round. When the client streams, or stop words must be watched for, each token
+        comes over from the MLX thread as it is made and is read at once (its text shown; a stop
+        word ends the generation there); otherwise the tokens are read when the round is done."""
+        future: Future[Completion] | None = None
+        on_token = None
+        if on_text is not None or options.stop:
+            loop = asyncio.get_running_loop()
+
+            def read(token: int) -> None:
+                if reader.stopped:
+                    return
+                piece = visible.push(reader.add((token,)))
+                if piece and on_text is not None:
+                    on_text(piece)
+                if reader.stopped and future is not None:
+                    self.engine.finish_early(future)
+
+            def on_token(token: int) -> None:
+                loop.call_soon_threadsafe(read, token)
+
+        future = self.engine.submit(ids, budget, sampling, options.stop, on_token)
         try:
-            return await asyncio.wrap_future(future)
+            completion = await asyncio.wrap_future(future)
         except asyncio.CancelledError:
             self.engine.cancel(future)
             raise
+        if on_token is None:
+            visible.push(reader.add(completion.tokens))  # decoded here, not on the MLX thread
+        piece = visible.push(reader.close(completion.finish_reason))
+        if piece and on_text is not None:
+            on_text(piece)
+        if reader.stopped:
+            completion = dataclasses.replace(completion, finish_reason="stop")
+        return completion
 
     async def _call(self, call: ToolCall) -> ToolResultLike:
         """One tool call; the host logs it and turns every failure into readable text."""

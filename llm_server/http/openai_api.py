@@ -1,0 +1,274 @@
+"""The OpenAI chat-completions protocol: request checking and response shapes.
+
+What the ``/v1`` routes need to speak the protocol that the ``openai`` SDKs and the tools built
+on them expect: ``parse_chat_request`` turns a body into messages (in the chat template's
+format), ``Options`` and the client's tools, rejecting what cannot be honoured with a 400 that
+names the field; the ``*_body`` functions build completions, stream chunks, the model list and
+error objects. No state is kept between requests: the client sends the whole conversation.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ..common.protocol import ClientToolCall, GenerationStats, Options
+from .validation import BadRequest, Fields, decode_object, text_field
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+_TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    500: "server_error",
+    503: "service_unavailable",
+}
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    messages: list[dict[str, Any]]
+    options: Options
+    include_usage: bool  # stream_options.include_usage
+
+
+def parse_chat_request(body: bytes, system_prompt: str) -> ChatRequest:
+    """A ``/v1/chat/completions`` body; ``system_prompt`` (the config's) goes first when the
+    client sends no system message of its own."""
+    document = decode_object(body, "'messages'")
+    fields = Fields(document)
+    if "messages" not in document:
+        raise BadRequest("'messages' is required", "messages")
+    messages = _messages(document["messages"])
+    if system_prompt and not any(m["role"] == "system" for m in messages):
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    if fields.integer("n", 1, 1_000_000) not in (None, 1):
+        raise BadRequest("'n' must be 1: one choice per request", "n")
+    if document.get("logprobs"):
+        raise BadRequest("'logprobs' is not supported", "logprobs")
+    response_format = document.get("response_format")
+    if response_format is not None and response_format != {"type": "text"}:
+        raise BadRequest('\'response_format\' other than {"type": "text"} is not supported', "response_format")
+    temperature = fields.number("temperature", 0.0, 2.0)
+    seed = fields.integer("seed", -(2**63), 2**63 - 1)
+    if seed is not None and temperature != 0.0:
+        raise BadRequest(
+            "'seed' needs 'temperature': 0 here: requests share one batch and one random stream, so "
+            "a seed cannot make sampling repeatable",
+            "seed",
+        )
+    max_tokens = fields.integer("max_completion_tokens", 1, 10_000_000)
+    if max_tokens is None:
+        max_tokens = fields.integer("max_tokens", 1, 10_000_000)
+    stream = fields.boolean("stream") or False
+    stream_options = document.get("stream_options")
+    include_usage = False
+    if stream_options is not None:
+        if not isinstance(stream_options, dict):
+            raise BadRequest("'stream_options' must be an object", "stream_options")
+        include_usage = Fields(stream_options, "stream_options.").boolean("include_usage") or False
+    tools = _tools(document.get("tools"))
+    use_tools = _tool_choice(document.get("tool_choice"))
+    return ChatRequest(
+        messages,
+        Options(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=fields.number("top_p", 0.0, 1.0, low_open=True),
+            stop=_stop(document.get("stop")),
+            client_tools=tools,
+            use_tools=use_tools,
+            stream=stream,
+        ),
+        include_usage,
+    )
+
+
+def _messages(value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, list) or not value:
+        raise BadRequest("'messages' must be a non-empty array", "messages")
+    return [_message(item, f"messages[{i}]") for i, item in enumerate(value)]
+
+
+def _message(item: Any, where: str) -> dict[str, Any]:
+    """One message, checked, in the form chat templates take (the worker finishes the job with
+    mlx-lm's ``process_message_content``)."""
+    if not isinstance(item, dict):
+        raise BadRequest(f"'{where}' must be an object", where)
+    role = item.get("role")
+    if role not in ROLES:
+        raise BadRequest(f"'{where}.role' must be one of {', '.join(ROLES)}", f"{where}.role")
+    message: dict[str, Any] = {"role": "system" if role == "developer" else role}
+    content = item.get("content")
+    if isinstance(content, list):
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise BadRequest(f"'{where}.content[{j}]': only text parts are supported", f"{where}.content")
+            text_field(part, "text", where=f"{where}.content[{j}].")
+    elif content is not None:
+        text_field(item, "content", where=f"{where}.")
+    elif role != "assistant":
+        raise BadRequest(f"'{where}.content' is required", f"{where}.content")
+    message["content"] = content
+    if role == "assistant" and item.get("tool_calls") is not None:
+        message["tool_calls"] = _assistant_calls(item["tool_calls"], f"{where}.tool_calls")
+    if role == "tool":
+        if "tool_call_id" not in item:
+            raise BadRequest(f"'{where}.tool_call_id' is required", f"{where}.tool_call_id")
+        message["tool_call_id"] = text_field(item, "tool_call_id", required=True, where=f"{where}.")
+        if isinstance(item.get("name"), str):
+            message["name"] = item["name"]
+    return message
+
+
+def _assistant_calls(value: Any, where: str) -> list[dict[str, Any]]:
+    if not isinstance(value, list):
+        raise BadRequest(f"'{where}' must be an array", where)
+    calls = []
+    for i, call in enumerate(value):
+        at = f"{where}[{i}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise BadRequest(f"'{at}.function.name' must be a string", f"{at}.function.name")
+        arguments = function.get("arguments", "{}")
+        try:
+            parsed = json.loads(arguments) if isinstance(arguments, str) else None
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise BadRequest(f"'{at}.function.arguments' must be a JSON object in a string", f"{at}.function.arguments")
+        calls.append(
+            {
+                "id": str(call.get("id") or f"call_{i}"),
+                "type": "function",
+                "function": {"name": function["name"], "arguments": arguments},
+            }
+        )
+    return calls
+
+
+def _tools(value: Any) -> tuple[dict[str, Any], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise BadRequest("'tools' must be an array", "tools")
+    tools, names = [], set()
+    for i, tool in enumerate(value):
+        where = f"tools[{i}]"
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
+            raise BadRequest(f'\'{where}\' must be {{"type": "function", "function": {{...}}}}', where)
+        function = tool["function"]
+        name = function.get("name")
+        if not isinstance(name, str) or not _TOOL_NAME.match(name):
+            raise BadRequest(
+                f"'{where}.function.name' must be 1 to 64 of A-Z, a-z, 0-9, _ and -", f"{where}.function.name"
+            )
+        if name in names:
+            raise BadRequest(f"'{where}.function.name': {name!r} is offered twice", f"{where}.function.name")
+        names.add(name)
+        if not isinstance(function.get("parameters", {}), dict):
+            raise BadRequest(
+                f"'{where}.function.parameters' must be a JSON Schema object", f"{where}.function.parameters"
+            )
+        tools.append(tool)  # as sent: the chat template shows the model what the client wrote
+    return tuple(tools)
+
+
+def _tool_choice(value: Any) -> bool:
+    """Whether tools are offered: ``"auto"`` (the default) yes, ``"none"`` no tools at all."""
+    if value is None or value == "auto":
+        return True
+    if value == "none":
+        return False
+    raise BadRequest(f'\'tool_choice\' {json.dumps(value)} is not supported: use "auto" or "none"', "tool_choice")
+
+
+def _stop(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    words = [value] if isinstance(value, str) else value
+    if not isinstance(words, list) or len(words) > 4 or not all(isinstance(w, str) and w for w in words):
+        raise BadRequest("'stop' must be a non-empty string or an array of up to 4 of them", "stop")
+    return tuple(words)
+
+
+# --- responses ---------------------------------------------------------------------------------
+
+
+def usage_body(stats: GenerationStats) -> dict[str, Any]:
+    return {
+        "prompt_tokens": stats.prompt_tokens,
+        "completion_tokens": stats.completion_tokens,
+        "total_tokens": stats.prompt_tokens + stats.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": stats.cached_tokens},
+    }
+
+
+def tool_calls_body(calls: tuple[ClientToolCall, ...], streaming: bool = False) -> list[dict[str, Any]]:
+    body = []
+    for index, call in enumerate(calls):
+        item: dict[str, Any] = {
+            "id": call.id,
+            "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments},
+        }
+        if streaming:
+            item["index"] = index
+        body.append(item)
+    return body
+
+
+def completion_body(
+    completion_id: str, model: str, text: str, finish_reason: str, calls: tuple[ClientToolCall, ...],
+    stats: GenerationStats,
+) -> dict[str, Any]:  # fmt: skip
+    message: dict[str, Any] = {"role": "assistant", "content": text or (None if calls else "")}
+    if calls:
+        message["tool_calls"] = tool_calls_body(calls)
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": None}],
+        "usage": usage_body(stats),
+    }
+
+
+def chunk_body(
+    completion_id: str, model: str, delta: dict[str, Any] | None, finish_reason: str | None = None,
+    usage: dict[str, Any] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """One ``chat.completion.chunk``; ``delta`` None makes the usage-only chunk (no choices)."""
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
+    body: dict[str, Any] = {
+        "id": completion_id,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+    }
+    if usage is not None:
+        body["usage"] = usage
+    return body
+
+
+def models_body(model: str, created: int) -> dict[str, Any]:
+    return {"object": "list", "data": [{"id": model, "object": "model", "created": created, "owned_by": "llm-server"}]}
+
+
+def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
+    return {
+        "error": {
+            "message": message,
+            "type": ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
+            "param": param,
+            "code": None,
+        }
+    }

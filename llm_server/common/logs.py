@@ -54,6 +54,11 @@ def setup_child_logging(queue: Any, level: str, output: Connection | None) -> No
     root.handlers[:] = [_queue_handler(queue)]
     root.setLevel(LEVELS[level])
     logging.captureWarnings(True)
+    # The queue starts its feeder thread at the first put. Started lazily, that could be while
+    # the interpreter finalizes (a record logged at exit, e.g. by asyncio's "Task was destroyed"),
+    # where starting a thread hangs the process; so it starts now, with a record the supervisor's
+    # listener drops (a flush marker nobody waits for: ``log_file._FlushingListener``).
+    queue.put_nowait(logging.makeLogRecord({"flush_marker": 0}))
     if output is not None:
         fd = output.fileno()
         sys.stdout.flush()

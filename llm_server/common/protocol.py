@@ -154,6 +154,17 @@ class Listening:
 
 
 @dataclass(frozen=True)
+class Notice:
+    """Worker -> supervisor, while starting: a progress line for the console (an MCP server up or
+    failed, the model loading, download progress). ``key`` groups lines that replace each other
+    on a terminal (a download's progress), else empty."""
+
+    text: str
+    key: str = ""
+    fraction: float | None = None  # how far a keyed progress line has got (0..1)
+
+
+@dataclass(frozen=True)
 class ListenerClosed:
     """HTTP -> supervisor, while draining: it accepts no more connections; what is still in the
     socket's backlog is the supervisor's to answer (503)."""

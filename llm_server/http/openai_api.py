@@ -23,7 +23,6 @@ _TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
-    404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
     500: "server_error",

@@ -104,6 +104,7 @@ class Gateway:
         self.answered_while_draining = 0
         self._app: Sanic | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_task: asyncio.Task[None] | None = None
 
     def attach(self, app: Sanic, loop: asyncio.AbstractEventLoop) -> None:
         """Start the pipe readers on the server's loop (called once Sanic has one)."""
@@ -178,7 +179,13 @@ class Gateway:
         if self.draining or self._app is None:
             return
         self.draining = True
-        asyncio.get_running_loop().create_task(self._drain())
+        self._drain_task = asyncio.get_running_loop().create_task(self._drain())
+
+    def end_drain(self) -> None:
+        """At the server's stop: with nothing in flight Sanic may stop before ``_drain`` has run
+        to its end; it is not left pending (the supervisor answers the backlog either way)."""
+        if self._drain_task is not None and not self._drain_task.done():
+            self._drain_task.cancel()
 
     async def _drain(self) -> None:
         """Stop accepting without dropping anything already sent to us.
@@ -215,6 +222,10 @@ def build_app(config: Config, gateway: Gateway) -> Sanic:
     @app.before_server_start
     async def _attach(app: Sanic) -> None:
         gateway.attach(app, asyncio.get_running_loop())
+
+    @app.after_server_stop
+    async def _end_drain(app: Sanic) -> None:
+        gateway.end_drain()
 
     @app.after_server_start
     async def _announce(app: Sanic) -> None:

@@ -40,8 +40,13 @@ SHUTTING_DOWN = "the server is shutting down; retry shortly"
 OPENAPI = json.loads(resources.files(__package__).joinpath("openapi.json").read_text(encoding="utf-8"))
 
 
+OPENAI_PATHS = ("/v1/chat/completions", "/v1/models")
+
+
 def is_openai(request: Request) -> bool:
-    return request.path.startswith("/v1/")
+    """Whether errors take the OpenAI error object: on the ``/v1`` endpoints themselves. A path
+    that is no endpoint is a 404 ``{"Error"}``, as the contract has it for any other path."""
+    return request.path in OPENAI_PATHS
 
 
 def error_response(request: Request, request_id: str | None, status: int, message: str, param: str | None = None,

@@ -50,6 +50,7 @@ from ..common.protocol import (
     Link,
     ListenerClosed,
     Listening,
+    Notice,
     Ping,
     Pong,
     Ready,
@@ -58,6 +59,7 @@ from ..common.protocol import (
     StartupFailure,
     Stopped,
 )
+from .console import Console
 from .listen import answer_unavailable, bind_socket, take_backlog
 from .log_file import LogHub, StreamPump
 
@@ -131,9 +133,11 @@ class Child:
 class Arbiter:
     """Runs the daemon: start in order, watch the children, stop in order."""
 
-    def __init__(self, config: Config, hub: LogHub) -> None:
+    def __init__(self, config: Config, hub: LogHub, console: Console | None = None) -> None:
         self.config = config
         self.hub = hub
+        self.console = console if console is not None else Console(quiet=True)
+        self.tools = 0  # as the worker last reported it
         self.ctx = multiprocessing.get_context("spawn")
         self.worker: Child | None = None
         self.http: Child | None = None
@@ -224,6 +228,8 @@ class Arbiter:
                 "model worker ready (pid %s): model %s, context window %s, %d tool(s)",
                 self.worker.pid, ready.model_name, ready.context_window, ready.tools,
             )  # fmt: skip
+            self.tools = ready.tools
+            self.console.say(f"model loaded: {ready.model_name} (context window {ready.context_window} tokens)")
             if self.http is not None:
                 self._send(self.http, Link(http_end))
                 log.info("http process linked to the new model worker")
@@ -256,7 +262,9 @@ class Arbiter:
         return True
 
     def _serving(self) -> None:
-        log.info("serving on http://%s:%d", self.config.listening_host, self.config.listening_port)
+        address = f"http://{self.config.listening_host}:{self.config.listening_port}"
+        log.info("serving on %s", address)
+        self.console.say(f"listening on {address} (model {self.config.model_name}, {self.tools} tool(s))")
         self._enter(State.SERVING)
         self.last_pong = time.monotonic()
 
@@ -302,6 +310,9 @@ class Arbiter:
                 message = child.receive()
                 if isinstance(message, expected):
                     return message
+                if isinstance(message, Notice):
+                    self.console.say(message.text, message.key, message.fraction)
+                    continue
                 if isinstance(message, StartupFailed):
                     raise Fatal(_STARTUP_EXIT[message.kind], f"{child.role} failed to start: {message.reason}")
                 if message is not None:
@@ -390,6 +401,7 @@ class Arbiter:
         """The worker is gone: start a new one; the HTTP process stays (and answers 503 meanwhile)."""
         self._spend_restart(what, ExitCode.WORKER_DIED)
         log.warning("restarting the model worker; the http process answers 503 until it is ready")
+        self.console.say(f"{what}: restarting it")
         assert self.worker is not None
         self.worker.control.close()
         self.worker = None
@@ -401,6 +413,7 @@ class Arbiter:
         loaded model) stays, and new connections wait in the backlog meanwhile."""
         self._spend_restart(what, ExitCode.HTTP_DIED)
         log.warning("restarting the http process; the model worker keeps running")
+        self.console.say(f"{what}: restarting it")
         assert self.http is not None
         self.http.control.close()
         self.http = None
@@ -431,13 +444,16 @@ class Arbiter:
         """The ordered stop: HTTP drains, the backlog is answered, then the worker unloads."""
         self._enter(State.STOPPING)
         log.info("shutdown (%s): step 1/3: closing the listener and draining in-flight requests", why)
+        self.console.say(f"stopping ({why}): closing the listener, finishing requests in flight")
         self.stop_http()
         self.close_listener()
         log.info("shutdown: step 2/3: stopping the model worker (unload model, stop MCP servers)")
+        self.console.say("stopping the model worker: unloading the model, stopping MCP servers")
         self.stop_worker()
         if self._backlog_answers is not None:
             self._backlog_answers.join(5.0)
         log.info("shutdown: step 3/3: all children exited; exiting with code %d", int(code))
+        self.console.say(f"stopped (exit code {int(code)})")
         return int(code)
 
     def close_listener(self) -> None:

@@ -17,6 +17,7 @@ from setproctitle import setproctitle
 
 from ..common.config import ConfigError, load_log_filename, parse_config
 from .arbiter import Arbiter, ExitCode
+from .console import Console
 from .log_file import LogHub
 
 log = logging.getLogger("llm_server.supervisor")
@@ -27,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--config", type=Path, default=Path("config.json"), help="path to the config file (default: ./config.json)"
     )
+    parser.add_argument("--quiet", action="store_true", help="print no progress lines on stderr (errors still are)")
     args = parser.parse_args(argv)
     setproctitle("llm-server: supervisor")
     multiprocessing.current_process().name = "supervisor"
@@ -44,12 +46,12 @@ def main(argv: list[str] | None = None) -> int:
         return ExitCode.CONFIG
     hub.start()
     try:
-        return _run(raw, config_path, log_filename, hub)
+        return _run(raw, config_path, log_filename, hub, Console(quiet=args.quiet))
     finally:
         hub.stop()
 
 
-def _run(raw: dict, config_path: Path, log_filename: Path, hub: LogHub) -> int:
+def _run(raw: dict, config_path: Path, log_filename: Path, hub: LogHub, console: Console) -> int:
     try:
         config = parse_config(raw, config_path, log_filename)
     except ConfigError as exc:
@@ -63,8 +65,9 @@ def _run(raw: dict, config_path: Path, log_filename: Path, hub: LogHub) -> int:
         config.model_name,
         len(config.servers),
     )
+    console.say(f"starting: config {config_path}, model {config.model_name}, {len(config.servers)} MCP server(s)")
     try:
-        code = Arbiter(config, hub).run()
+        code = Arbiter(config, hub, console).run()
     except Exception:
         log.exception("unexpected supervisor error")
         code = ExitCode.INTERNAL

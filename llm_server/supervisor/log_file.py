@@ -101,7 +101,7 @@ class _FlushingListener(logging.handlers.QueueListener):
             return
         with self._lock:
             done = self._markers.get(marker)
-        if done is not None:
+        if done is not None:  # marker 0, from a child starting its queue (``setup_child_logging``), has none
             done.set()
 
 

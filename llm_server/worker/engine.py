@@ -51,6 +51,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
+from .download import fetch, is_local
+
 log = logging.getLogger("llm_server.engine")
 
 
@@ -104,9 +106,11 @@ class Engine:
     """Owns MLX, the model and the batch generator, all on its own thread."""
 
     def __init__(
-        self, model_name: str, sampling: SamplingSettings, max_batch_size: int, prompt_cache_mb: int = 0
-    ) -> None:
+        self, model_name: str, sampling: SamplingSettings, max_batch_size: int, prompt_cache_mb: int = 0,
+        on_download: Callable[[int, int], None] | None = None,
+    ) -> None:  # fmt: skip
         self.model_name = model_name
+        self._on_download = on_download  # download progress (bytes so far, in all), on the MLX thread
         self.sampling = sampling
         self.max_batch_size = max_batch_size
         self.prompt_cache_bytes = prompt_cache_mb * 1024 * 1024
@@ -213,7 +217,10 @@ class Engine:
 
         started = time.monotonic()
         try:
-            model, tokenizer, config = load(self.model_name, return_config=True)
+            path = self.model_name
+            if not is_local(path):
+                path = str(fetch(path, self._on_download or (lambda done, total: None)))
+            model, tokenizer, config = load(path, return_config=True)
         except Exception as exc:
             raise ModelLoadError(f"cannot load model {self.model_name!r}: {type(exc).__name__}: {exc}") from exc
         try:

@@ -35,6 +35,7 @@ from ..common.protocol import (
     FailureCategory,
     Generate,
     Link,
+    Notice,
     Ping,
     Pong,
     Ready,
@@ -92,6 +93,12 @@ class Worker:
         control = self.control = PipeChannel(self._control_conn, loop, self._on_control, self.stopping.set, "control")
         control.start()
         async with self._tool_host() as host:
+            for status in host.status().values():
+                if status.state == "up":
+                    control.send_soon(Notice(f"MCP server {status.name}: up, {status.tools} tool(s)"))
+                else:
+                    control.send_soon(Notice(f"MCP server {status.name}: {status.state}: {status.last_error}"))
+            control.send_soon(Notice(f"loading model {self.config.model_name}"))
             engine = self.engine = Engine(
                 self.config.model_name,
                 SamplingSettings(
@@ -99,6 +106,7 @@ class Worker:
                 ),
                 self.config.max_batch_size,
                 self.config.prompt_cache_mb,
+                on_download=self._download_progress,
             )
             log.info("loading model %s", self.config.model_name)
             try:
@@ -137,6 +145,12 @@ class Worker:
         await control.send(Stopped("model unloaded, MCP servers stopped"))
         return 0
 
+    def _download_progress(self, done: int, total: int) -> None:
+        """On the MLX thread, while the model downloads: a progress line for the console."""
+        assert self.control is not None
+        text = f"downloading {self.config.model_name}: {100 * done // max(total, 1)}% of {total / 1e6:.1f} MB"
+        self.control.send_soon(Notice(text, "download", done / total if total else None))
+
     def _tool_host(self) -> MCPHost:
         """Every configured MCP server, started concurrently before the model loads."""
         if self.config.servers:
@@ -161,7 +175,7 @@ class Worker:
     def _unlink(self, channel: PipeChannel) -> None:
         """The HTTP process at the other end is gone, and with it the clients of its requests."""
         orphans = [rid for rid, origin in self.origin.items() if origin is channel]
-        if not self.stopping.is_set():
+        if orphans:
             log.warning("the http process went away: cancelling its %d request(s)", len(orphans))
         for request_id in orphans:
             task = self.tasks.get(request_id)

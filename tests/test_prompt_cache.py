@@ -18,7 +18,7 @@ def answers_and_cached_tokens(daemon: Daemon) -> tuple[list[str], list[int]]:
         assert result.status == 200, result.body
         answers.append(result.json()["response"])
         line = daemon.response_line(result.headers["x-request-id"])
-        match = re.search(r" response 200 .* cached_tokens=(\d+)$", line)
+        match = re.search(r" response 200 .* cached_tokens=(\d+) ", line)
         assert match, line
         cached.append(int(match.group(1)))
     return answers, cached

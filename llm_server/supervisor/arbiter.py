@@ -507,6 +507,7 @@ class Arbiter:
                     if isinstance(message, Stopped):
                         log.info("%s (pid %s) stopped: %s", child.role, child.pid, message.detail)
                     elif isinstance(message, ListenerClosed) and self.state is State.STOPPING:
+                        self.hub.flush(1.0)  # the child's "stopped accepting" goes first in the log
                         self.close_listener()  # the drain goes on; what queues meanwhile gets 503
         process.join()
         self.hub.flush()  # the child's last records first, then ours

@@ -108,3 +108,38 @@ def test_not_json_and_not_object(tmp_path: Path) -> None:
         load_config(write(tmp_path, [1]))
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.json")
+
+
+def test_mcp_json_server_keys(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "s.env").write_text("FROM_FILE=1\nBOTH=file\n")
+    document = {**VALID}
+    del document["servers"]
+    document["mcpServers"] = {
+        "s": {"command": "run", "env": {"BOTH": "env"}, "envFile": "s.env", "disabled": False, "enabled": True,
+              "allowedTools": ["a"], "excludedTools": ["b"], "timeout": 5, "startupTimeout": 9, "extra": 1},
+        "off": {"command": "run", "enabled": False},
+    }  # fmt: skip
+    config = load_config(write(tmp_path, document))
+    spec = config.servers["s"]
+    assert spec.env == {"FROM_FILE": "1", "BOTH": "env"}  # `env` wins over `envFile`
+    assert (spec.allowed_tools, spec.excluded_tools, spec.tool_timeout_s, spec.startup_timeout_s) == (
+        ("a",), ("b",), 5.0, 9.0
+    )
+    assert not spec.disabled and config.servers["off"].disabled
+    assert "'mcpServers.s': unknown key 'extra' is ignored" in caplog.text
+    assert "FROM_FILE" not in repr(config)  # env values may be secrets: never in a repr
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [({"envFile": "missing.env"}, "envFile"), ({"timeout": 0}, "timeout"), ({"startupTimeout": "9"}, "startupTimeout"),
+     ({"allowedTools": "add"}, "allowedTools"), ({"disabled": "yes"}, "disabled")],
+)  # fmt: skip
+def test_bad_mcp_json_server_keys(tmp_path: Path, entry: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, {**VALID, "servers": {"s": {"command": "run", **entry}}}))
+
+
+def test_servers_and_mcp_servers_together(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="'servers' and 'mcpServers'"):
+        load_config(write(tmp_path, {**VALID, "mcpServers": {}}))

@@ -422,3 +422,20 @@ def test_no_process_survives(caplog: pytest.LogCaptureFixture) -> None:
     for pgid in groups:
         assert not group_members(pgid), f"process group {pgid} survived the host"
     assert logged(caplog, r"^mcp\[crasher\] server died: server process \d+ exited", logging.ERROR)
+
+
+def test_per_server_timeout_and_result_cap(caplog: pytest.LogCaptureFixture) -> None:
+    """A server's own ``timeout`` wins over ``tool_timeout_s``; a result longer than
+    ``max_result_chars`` keeps its head and tail with a marker between (logged)."""
+    servers = parse_servers({"calc": {**calc(), "timeout": 1}})
+
+    async def scenario() -> None:
+        async with MCPHost(servers, startup_timeout_s=STARTUP_S, tool_timeout_s=60, max_result_chars=1000) as host:
+            slow = await host.call_tool("slow", {"seconds": 5})
+            assert slow.is_error and "timed out after 1s" in slow.text
+            big = await host.call_tool("big", {"size": 5000})
+            assert len(big.text) == 1000 and "characters cut ...]" in big.text
+            assert big.text.startswith("Row 000000: ") and "Row 000" in big.text[-60:]
+
+    run(scenario())
+    assert logged(caplog, r"^tool call big result cut from 5000 to 1000 characters", logging.WARNING)

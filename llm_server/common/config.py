@@ -10,6 +10,7 @@ file; the substituted values are never logged or written anywhere.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -34,6 +35,7 @@ REQUIRED_KEYS = (
     "log_filename",
 )
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+log = logging.getLogger("llm_server.config")
 
 
 class ConfigError(Exception):
@@ -67,6 +69,8 @@ class Config:
     worker_stall_timeout_s: float = 300.0
     request_timeout_s: float = 3600.0
     api_key: str | None = field(default=None, repr=False)  # a secret: never logged
+    max_tool_result_chars: int = 32_000
+    max_pending_requests: int = 64
     config_path: Path = field(default=Path("config.json"), compare=False)
 
 
@@ -90,6 +94,13 @@ def load_config(path: Path) -> Config:
 
 def parse_config(raw: dict[str, Any], path: Path, log_filename: Path) -> Config:
     """Validate an already-read config mapping (see ``load_log_filename``)."""
+    if "mcpServers" in raw:
+        if "servers" in raw:
+            raise ConfigError(f"{path}: 'servers' and 'mcpServers' name the same thing: keep one")
+        raw = {**raw, "servers": raw["mcpServers"]}
+        servers_key = "mcpServers"
+    else:
+        servers_key = "servers"
     missing = [key for key in REQUIRED_KEYS if key not in raw]
     if missing:
         raise ConfigError(f"{path}: required key(s) missing: {', '.join(missing)}")
@@ -101,7 +112,7 @@ def parse_config(raw: dict[str, Any], path: Path, log_filename: Path) -> Config:
     return Config(
         model_name=check.string("model_name"),
         listening_port=check.integer("listening_port", 1, 65535),
-        servers=parse_servers(values["servers"], str(path)),
+        servers=parse_servers(values["servers"], str(path), path.parent, servers_key),
         system_prompt=check.string("system_prompt", allow_empty=True),
         temperature=check.number("temperature", 0.0, math.inf),
         top_p=check.number("top_p", 0.0, 1.0, low_open=True),
@@ -122,6 +133,8 @@ def parse_config(raw: dict[str, Any], path: Path, log_filename: Path) -> Config:
         worker_stall_timeout_s=check.number("worker_stall_timeout_s", 0.0, 86400.0, True, 300.0),
         request_timeout_s=check.number("request_timeout_s", 0.0, 7 * 86400.0, True, 3600.0),
         api_key=check.optional_string("api_key"),
+        max_tool_result_chars=check.integer("max_tool_result_chars", 100, 100_000_000, default=32_000),
+        max_pending_requests=check.integer("max_pending_requests", 1, 1_000_000, default=64),
         config_path=path,
     )
 
@@ -247,24 +260,43 @@ class ServerSpec:
     transport: str  # "stdio", "sse" or "http" (streamable HTTP)
     command: str = ""
     args: tuple[str, ...] = ()
-    env: Mapping[str, str] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict, repr=False)  # may hold secrets
     cwd: str | None = None
-    url: str = ""
-    headers: Mapping[str, str] = field(default_factory=dict)
+    url: str = field(default="", repr=False)  # may hold a token
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+    disabled: bool = False  # `disabled: true` / `enabled: false`: never started
+    allowed_tools: tuple[str, ...] | None = None  # only these are offered (None: all)
+    excluded_tools: tuple[str, ...] = ()  # never offered
+    tool_timeout_s: float | None = None  # `timeout`: overrides tool_timeout_s
+    startup_timeout_s: float | None = None  # `startupTimeout`: overrides mcp_startup_timeout_s
 
 
-def parse_servers(value: Any, where: str = "") -> dict[str, ServerSpec]:
+# Per-server keys this daemon understands (mcp.json as Claude Desktop, Cursor and VS Code write
+# it); others are warned about and ignored.
+SERVER_KEYS = frozenset({
+    "type", "command", "args", "env", "cwd", "url", "headers", "disabled", "enabled",
+    "allowedTools", "excludedTools", "envFile", "timeout", "startupTimeout",
+})  # fmt: skip
+
+
+def parse_servers(
+    value: Any, where: str = "", folder: Path | None = None, key: str = "servers"
+) -> dict[str, ServerSpec]:
     """Validate the mcp.json-style ``servers`` block (already ``${VAR}``-substituted) into typed
-    specs, once, at start: an invalid entry is a config error naming it, not a skipped server."""
+    specs, once, at start: an invalid entry is a config error naming it, not a skipped server.
+    ``folder`` is where relative ``envFile`` paths start (the config's folder)."""
     prefix = f"{where}: " if where else ""
     if not isinstance(value, dict):
-        raise ConfigError(f"{prefix}'servers' must be an object (it may be empty: {{}})")
-    return {name: _server(f"{prefix}'servers.{name}'", spec) for name, spec in value.items()}
+        raise ConfigError(f"{prefix}'{key}' must be an object (it may be empty: {{}})")
+    return {name: _server(f"{prefix}'{key}.{name}'", spec, folder or Path.cwd()) for name, spec in value.items()}
 
 
-def _server(where: str, spec: Any) -> ServerSpec:
+def _server(where: str, spec: Any, folder: Path) -> ServerSpec:
     if not isinstance(spec, dict):
         raise ConfigError(f"{where} must be an object")
+    for unknown in sorted(set(spec) - SERVER_KEYS):
+        log.warning("%s: unknown key %r is ignored", where, unknown)
+    common = _server_options(where, spec, folder)
     kind = spec.get("type", "stdio" if "command" in spec else None)
     if kind not in _SERVER_TYPES:
         raise ConfigError(f"{where}.type must be one of {', '.join(_SERVER_TYPES)}")
@@ -278,7 +310,8 @@ def _server(where: str, spec: Any) -> ServerSpec:
             raise ConfigError(f"{where}.env must be an object of strings")
         if cwd is not None and not isinstance(cwd, str):
             raise ConfigError(f"{where}.cwd must be a string")
-        return ServerSpec("stdio", command=command, args=tuple(args), env=dict(env), cwd=cwd)
+        env = {**_env_file(where, spec, folder), **env}  # `env` wins over `envFile`
+        return ServerSpec("stdio", command=command, args=tuple(args), env=env, cwd=cwd, **common)
     url, headers = spec.get("url"), spec.get("headers", {})
     if not isinstance(url, str) or not url:
         raise ConfigError(f"{where}.url must be a non-empty string")
@@ -288,4 +321,39 @@ def _server(where: str, spec: Any) -> ServerSpec:
         raise ConfigError(f"{where}.url must be an http:// or https:// URL with a host")
     if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
         raise ConfigError(f"{where}.headers must be an object of strings")
-    return ServerSpec("sse" if kind == "sse" else "http", url=url, headers=dict(headers))
+    return ServerSpec("sse" if kind == "sse" else "http", url=url, headers=dict(headers), **common)
+
+
+def _server_options(where: str, spec: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """The per-server keys every transport takes: on/off, tool lists, timeouts."""
+    options: dict[str, Any] = {}
+    for key in ("disabled", "enabled"):
+        if key in spec and not isinstance(spec[key], bool):
+            raise ConfigError(f"{where}.{key} must be true or false")
+    options["disabled"] = spec.get("disabled", False) or not spec.get("enabled", True)
+    for key, name in (("allowedTools", "allowed_tools"), ("excludedTools", "excluded_tools")):
+        if key in spec:
+            tools = spec[key]
+            if not isinstance(tools, list) or not all(isinstance(t, str) for t in tools):
+                raise ConfigError(f"{where}.{key} must be a list of tool names")
+            options[name] = tuple(tools)
+    for key, name in (("timeout", "tool_timeout_s"), ("startupTimeout", "startup_timeout_s")):
+        if key in spec:
+            value = spec[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 86400:
+                raise ConfigError(f"{where}.{key} must be a number of seconds > 0 and <= 86400")
+            options[name] = float(value)
+    return options
+
+
+def _env_file(where: str, spec: dict[str, Any], folder: Path) -> dict[str, str]:
+    """The variables of the server's ``envFile`` (a dotenv file, relative to the config's folder)."""
+    if "envFile" not in spec:
+        return {}
+    name = spec["envFile"]
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{where}.envFile must be a file name")
+    path = _resolve(folder / "config.json", name)
+    if not path.is_file():
+        raise ConfigError(f"{where}.envFile: {path} is not a file")
+    return {key: value for key, value in dotenv_values(path).items() if value is not None}

@@ -51,6 +51,7 @@ BACKLOG = 1024  # the kernel's accept queue: what waits while the HTTP process r
 DRAIN_QUIET_S = 0.2  # at shutdown, no new request for this long means every sent one was read
 DRAIN_SETTLE_MAX_S = 2.0  # ... but stop accepting after this long regardless
 RESTARTING = "the model worker is restarting; retry shortly"
+FULL = "too many requests pending (max_pending_requests); retry shortly"
 
 
 def run_http(
@@ -63,7 +64,7 @@ def run_http(
 ) -> None:
     """Entry point of the spawned HTTP child."""
     prepare_child("http", log_queue, config.log_level, output)
-    gateway = Gateway(worker_conn, control_conn, sock)
+    gateway = Gateway(worker_conn, control_conn, sock, config.max_pending_requests)
     app = build_app(config, gateway)
     app.run(
         sock=sock,
@@ -92,7 +93,10 @@ class Gateway:
     successor.
     """
 
-    def __init__(self, worker_conn: Connection, control_conn: Connection, sock: socket.socket) -> None:
+    def __init__(
+        self, worker_conn: Connection, control_conn: Connection, sock: socket.socket, max_pending: int
+    ) -> None:
+        self.max_pending = max_pending
         self._first_link: Connection | None = worker_conn
         self._control_conn = control_conn
         self._sock = sock
@@ -134,6 +138,10 @@ class Gateway:
         channel = self.worker
         if channel is None or channel.closed:
             yield Failure(request_id, FailureCategory.UNAVAILABLE, RESTARTING)
+            return
+        if len(self.pending) >= self.max_pending:  # push back rather than queue without bound
+            log.warning("%d requests pending (max_pending_requests): answering 503", len(self.pending))
+            yield Failure(request_id, FailureCategory.UNAVAILABLE, FULL)
             return
         inbox: asyncio.Queue[Delta | Reply | Failure] = asyncio.Queue()
         self.pending[request_id] = (inbox, channel)

@@ -17,6 +17,7 @@ request. Entries arrive validated (``common.config.ServerSpec``).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import logging
 import time
@@ -53,6 +54,7 @@ class ServerState(enum.Enum):
     UP = "up"
     DOWN = "down"  # not connected; another attempt is scheduled
     FAILED = "failed"  # not connected and not retried (restart off)
+    DISABLED = "disabled"  # switched off in the config: never started
     STOPPED = "stopped"  # the host closed
 
 
@@ -84,7 +86,12 @@ class ServerRunner:
     def __init__(self, name: str, spec: ServerSpec, settings: Settings, on_change: Callable[[], None]) -> None:
         self.name = name
         self._spec = spec
-        self._settings = settings
+        # The server's own `timeout` / `startupTimeout` win over the daemon-wide settings.
+        self.settings = dataclasses.replace(
+            settings,
+            tool_timeout_s=spec.tool_timeout_s or settings.tool_timeout_s,
+            startup_timeout_s=spec.startup_timeout_s or settings.startup_timeout_s,
+        )
         self._on_change = on_change
         self.state = ServerState.STARTING
         self.session: ClientSession | None = None
@@ -110,22 +117,27 @@ class ServerRunner:
     async def run(self) -> None:
         """Connect, serve until the server dies, and start it again with backoff until stopped."""
         spec = self._spec
-        delay = self._settings.backoff_first_s
+        if spec.disabled:
+            logger.info("mcp[%s] disabled in the config: not started", self.name)
+            self._set_state(ServerState.DISABLED)
+            self.settled.set()
+            return
+        delay = self.settings.backoff_first_s
         try:
             while not self._stopping:
                 await self._connect_once(spec)
                 if self._stopping:
                     break
-                if not self._settings.restart:
+                if not self.settings.restart:
                     logger.error("mcp[%s] not restarted (restart is off)", self.name)
                     self._set_state(ServerState.FAILED)
                     return
-                if self._up_since is not None and time.monotonic() - self._up_since >= self._settings.backoff_max_s:
-                    delay = self._settings.backoff_first_s  # it ran long enough: start the backoff over
+                if self._up_since is not None and time.monotonic() - self._up_since >= self.settings.backoff_max_s:
+                    delay = self.settings.backoff_first_s  # it ran long enough: start the backoff over
                 self.restarts += 1
                 logger.warning("mcp[%s] restart attempt %d in %.1fs", self.name, self.restarts, delay)
                 await self._sleep(delay)
-                delay = min(delay * 2, self._settings.backoff_max_s)
+                delay = min(delay * 2, self.settings.backoff_max_s)
         finally:
             self.session = None
             if self.state is not ServerState.FAILED:
@@ -161,7 +173,7 @@ class ServerRunner:
         try:
             with anyio.CancelScope() as scope:
                 self._scope = scope
-                deadline = loop.call_later(self._settings.startup_timeout_s, self._startup_timed_out, scope)
+                deadline = loop.call_later(self.settings.startup_timeout_s, self._startup_timed_out, scope)
                 try:
                     async with AsyncExitStack() as stack:
                         session, tools = await self._open_session(stack, spec, pump)
@@ -187,7 +199,7 @@ class ServerRunner:
         session = ClientSession(
             _EofWatch(read, self._on_eof),
             write,
-            read_timeout_seconds=self._settings.startup_timeout_s,  # initialize, list_tools
+            read_timeout_seconds=self.settings.startup_timeout_s,  # initialize, list_tools
             message_handler=self._on_message,
             client_info=CLIENT_INFO,
         )
@@ -206,7 +218,7 @@ class ServerRunner:
                 self.mark_dead(f"server process {pid} exited")
             elif self._relist and self.state is ServerState.UP:
                 self._relist = False
-                self.tools = await _list_tools(session)
+                self.tools = self._offered(await _list_tools(session))
                 self.known_tools = frozenset(t.name for t in self.tools)
                 logger.info("mcp[%s] tool list changed: %d tools", self.name, len(self.tools))
                 self._on_change()
@@ -219,7 +231,18 @@ class ServerRunner:
         self._wake.clear()
         self._set_state(ServerState.STARTING)
 
+    def _offered(self, tools: list[types.Tool]) -> list[types.Tool]:
+        """The server's tools less what ``allowedTools`` / ``excludedTools`` leave out; a listed
+        name that matches no tool is warned about (a typo would silently hide a tool)."""
+        names = {tool.name for tool in tools}
+        allowed, excluded = self._spec.allowed_tools, self._spec.excluded_tools
+        for key, listed in (("allowedTools", allowed or ()), ("excludedTools", excluded)):
+            for name in sorted(set(listed) - names):
+                logger.warning("mcp[%s] %s names %r, which the server does not offer", self.name, key, name)
+        return [t for t in tools if (allowed is None or t.name in allowed) and t.name not in excluded]
+
     def _go_up(self, session: ClientSession, tools: list[types.Tool]) -> None:
+        tools = self._offered(tools)
         self.session, self.tools = session, tools
         self.known_tools = frozenset(t.name for t in tools)
         self._up_since = time.monotonic()
@@ -255,7 +278,7 @@ class ServerRunner:
     def _startup_timed_out(self, scope: anyio.CancelScope) -> None:
         """Loop callback at the startup deadline: report now, clean up in the background."""
         if self.state is ServerState.STARTING:
-            self._connection_failed(f"no answer within the startup timeout ({self._settings.startup_timeout_s:g}s)")
+            self._connection_failed(f"no answer within the startup timeout ({self.settings.startup_timeout_s:g}s)")
             scope.cancel()
 
     def _on_eof(self) -> None:

@@ -81,12 +81,14 @@ class MCPHost:
         tool_timeout_s: float = 60.0,
         restart: bool = True,
         restart_backoff_s: tuple[float, float] = (1.0, 60.0),
+        max_result_chars: int = 32_000,
     ) -> None:
         first, most = restart_backoff_s
         if startup_timeout_s <= 0 or tool_timeout_s <= 0 or first <= 0 or most < first:
             raise ValueError("MCPHost timeouts must be positive and restart_backoff_s = (first, max) with max >= first")
         settings = Settings(startup_timeout_s, tool_timeout_s, restart, first, most)
         self._settings = settings
+        self._max_result_chars = max_result_chars
         self._runners = [ServerRunner(name, spec, settings, self._rebuild_routes) for name, spec in servers.items()]
         self._routes: dict[str, tuple[ServerRunner, types.Tool]] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -117,7 +119,8 @@ class MCPHost:
             # Each runner settles within its startup timeout; the margin covers a spawn that blocks.
             waits = [runner.settled.wait() for runner in self._runners]
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.gather(*waits), self._settings.startup_timeout_s + 5.0)
+                longest = max(runner.settings.startup_timeout_s for runner in self._runners)
+                await asyncio.wait_for(asyncio.gather(*waits), longest + 5.0)
         up = [r.name for r in self._runners if r.state is ServerState.UP]
         logger.info(
             "MCP host ready: %d of %d servers up (%s), %d tools",
@@ -188,7 +191,7 @@ class MCPHost:
         self, runner: ServerRunner, session: ClientSession, tool: str, arguments: dict[str, Any]
     ) -> tuple[str, str]:
         """Run the call with both timeouts; return (outcome, text)."""
-        timeout = self._settings.tool_timeout_s
+        timeout = runner.settings.tool_timeout_s
         try:
             with anyio.fail_after(timeout + TOOL_TIMEOUT_GUARD_S):
                 result = await session.call_tool(tool, arguments, read_timeout_seconds=timeout)
@@ -212,6 +215,12 @@ class MCPHost:
     ) -> ToolResult:
         duration = time.monotonic() - started
         logger.info("tool call %s server=%s duration=%.0fms outcome=%s", name, server or "-", duration * 1000, outcome)
+        if len(text) > self._max_result_chars:
+            logger.warning(
+                "tool call %s result cut from %d to %d characters (max_tool_result_chars)",
+                name, len(text), self._max_result_chars,
+            )  # fmt: skip
+            text = cut_middle(text, self._max_result_chars)
         logger.log(TRACE, "tool call %s arguments: %s", name, _json_or_repr(arguments))
         logger.log(TRACE, "tool call %s result: %s", name, text)
         return ToolResult(text=text, is_error=outcome != "ok", server=server, tool=tool, duration_s=duration)
@@ -256,6 +265,15 @@ class MCPHost:
                     continue
                 routes[name] = (runner, tool)
         self._routes = routes
+
+
+def cut_middle(text: str, limit: int) -> str:
+    """At most ``limit`` characters of ``text``: its head and its tail, with a marker between
+    saying how much was left out (the start and the end of a long result say the most)."""
+    marker = f"\n[... {len(text) - limit} characters cut ...]\n"
+    keep = max(0, limit - len(marker))
+    head = keep - keep // 2
+    return text[:head] + marker + text[len(text) - keep // 2 :] if keep // 2 else text[:head] + marker
 
 
 def exposed_name(server: str, tool: str) -> str:

@@ -96,6 +96,8 @@ class Worker:
             for status in host.status().values():
                 if status.state == "up":
                     control.send_soon(Notice(f"MCP server {status.name}: up, {status.tools} tool(s)"))
+                elif status.state == "disabled":
+                    control.send_soon(Notice(f"MCP server {status.name}: disabled in the config"))
                 else:
                     control.send_soon(Notice(f"MCP server {status.name}: {status.state}: {status.last_error}"))
             control.send_soon(Notice(f"loading model {self.config.model_name}"))
@@ -159,6 +161,7 @@ class Worker:
             self.config.servers,
             startup_timeout_s=self.config.mcp_startup_timeout_s,
             tool_timeout_s=self.config.tool_timeout_s,
+            max_result_chars=self.config.max_tool_result_chars,
         )
 
     def _link(self, conn: Connection) -> None:

@@ -22,6 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
+from ..common.logs import TRACE
 from ..common.protocol import ClientToolCall, GenerationStats, Options
 from .chat import Message, ToolCall, assistant_message, render, tool_message, withdraw_tool_results
 from .engine import Completion, Engine, SamplingSettings
@@ -104,6 +105,7 @@ class ToolLoop:
             tools = None
             if options.use_tools and not limit_reached and not overflowed:
                 tools = self._offer(client_tools) or None
+            log.log(TRACE, "tools offered: %s", ", ".join(t["function"]["name"] for t in tools or []) or "none")
             if limit_reached and rounds and not overflowed:
                 log.info("tool round limit (%d) reached: answering without tools", self.max_tool_rounds)
             ids = await asyncio.get_running_loop().run_in_executor(self._renderer, render, tokenizer, messages, tools)

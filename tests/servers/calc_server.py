@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> None:
         paginate_tools(server, args.page_size)
     if args.grow:
         add_grow_tool(server)
-    print(f"calc server {args.name} starting (pid {os.getpid()}, {args.transport})", file=sys.stderr, flush=True)
+    greeting = f", greeting {os.environ['CALC_GREETING']}" if "CALC_GREETING" in os.environ else ""
+    print(f"calc server {args.name} starting (pid {os.getpid()}, {args.transport}{greeting})", file=sys.stderr, flush=True)
     if args.transport == "stdio":
         server.run()
     else:

@@ -24,16 +24,18 @@ log = logging.getLogger("llm_server.supervisor")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="llm-server", description="Serve one local MLX model over HTTP.")
-    parser.add_argument(
-        "--config", type=Path, default=Path("config.json"), help="path to the config file (default: ./config.json)"
-    )
-    parser.add_argument("--quiet", action="store_true", help="print no progress lines on stderr (errors still are)")
-    args = parser.parse_args(argv)
+    args = _parser().parse_args(argv)
+    config_path = getattr(args, "config", Path("config.json")).expanduser().absolute()
+    if args.command == "check":
+        from ..check import run_check
+
+        return run_check(config_path)
+    if args.command == "service":
+        from ..service import run_service
+
+        return run_service(args.action, config_path, args.dry_run, args.name)
     setproctitle("llm-server: supervisor")
     multiprocessing.current_process().name = "supervisor"
-
-    config_path = args.config.expanduser().absolute()
     try:
         raw, log_filename = load_log_filename(config_path)
     except ConfigError as exc:
@@ -49,6 +51,29 @@ def main(argv: list[str] | None = None) -> int:
         return _run(raw, config_path, log_filename, hub, Console(quiet=args.quiet))
     finally:
         hub.stop()
+
+
+def _parser() -> argparse.ArgumentParser:
+    """``llm-server`` runs the daemon; ``check`` and ``service ...`` are the other commands.
+    ``--config`` may come before or after the command."""
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument("--config", type=Path, default=argparse.SUPPRESS,
+                        help="path to the config file (default: ./config.json)")  # fmt: skip
+    parser = argparse.ArgumentParser(prog="llm-server", description="Serve one local MLX model over HTTP.",
+                                     parents=[config])  # fmt: skip
+    parser.set_defaults(command=None)
+    parser.add_argument("--quiet", action="store_true", help="print no progress lines on stderr (errors still are)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser(
+        "check", parents=[config], help="check the config, MCP servers, model and port without starting"
+    )
+    service = commands.add_parser(
+        "service", parents=[config], help="run as a launchd (macOS) or systemd (Linux) service"
+    )
+    service.add_argument("action", choices=("install", "uninstall", "status"))
+    service.add_argument("--dry-run", action="store_true", help="print the service file and commands, change nothing")
+    service.add_argument("--name", help="the service's name (default: the config's folder name)")
+    return parser
 
 
 def _run(raw: dict, config_path: Path, log_filename: Path, hub: LogHub, console: Console) -> int:

@@ -161,6 +161,13 @@ class MCPHost:
             for name, (_, tool) in self._routes.items()
         ]
 
+    def offered(self) -> dict[str, list[str]]:
+        """Per server, the names its tools are offered under now (as the model sees them)."""
+        names: dict[str, list[str]] = {}
+        for exposed, (runner, _) in self._routes.items():
+            names.setdefault(runner.name, []).append(exposed)
+        return names
+
     def status(self) -> dict[str, ServerStatus]:
         """Per-server state, in config order."""
         return {runner.name: runner.status() for runner in self._runners}

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from daemon import Daemon, ask_in_background, base_config, free_port
-from tool_model import CALC_SERVER
+from tool_model import BIG_REPORT_CHARS, CALC_SERVER, MAX_TOOL_ROUNDS, SYSTEM_PROMPT, calc_servers
 
 
 def calc(name: str, **extra: Any) -> dict[str, Any]:
@@ -73,3 +73,21 @@ def test_backpressure(make_daemon: Callable[..., Daemon]) -> None:
         t.join(180)
     assert all(getattr(results[i], "status", None) == 200 for i in range(4)), results
     assert daemon.ask("and now?").status == 200
+
+
+def test_result_cap_and_server_timeout_with_the_tool_model(make_daemon: Callable[..., Daemon], tool_model: Path) -> None:
+    """Scenario (the tiny model trained to call the calc server's tools): the calc server has
+    its own ``timeout`` of 1 s, and ``max_tool_result_chars`` is 2,000:
+    1. "Wait for 5 seconds." makes the model call ``slow``: it times out after 1 s, not after
+       ``tool_timeout_s``;
+    2. "Read me the big report." makes it call ``big``: the result is cut to 2,000 characters
+       (logged), and the request is answered."""
+    servers = {"calc": {**calc_servers()["calc"], "timeout": 1}}
+    config = base_config(tool_model, free_port(), servers=servers, system_prompt=SYSTEM_PROMPT, max_tokens=200,
+                         tool_timeout_s=30, max_tool_rounds=MAX_TOOL_ROUNDS, max_tool_result_chars=2000)  # fmt: skip
+    daemon = make_daemon(config).start().wait_serving()
+    assert daemon.ask("Wait for 5 seconds.").status == 200
+    daemon.wait_log("tool call slow server=calc")
+    assert re.search(r"tool call slow server=calc duration=1\d{3}ms outcome=timeout", daemon.log_text())
+    assert daemon.ask("Read me the big report.").status == 200
+    daemon.wait_log(f"tool call big result cut from {BIG_REPORT_CHARS} to 2000 characters (max_tool_result_chars)")

@@ -33,6 +33,16 @@ A thread that is alive but stuck (a step that never returns) is the supervisor's
 raises on the MLX thread when a generation finishes, ``engine-stall`` blocks it forever at its
 first decode step, ``prepare`` raises right after the model loads, ``internal`` before it loads.
 
+Distributed (``sharding`` "pipeline" or "tensor", in a process group that ``mlx.launch``
+started): every rank loads its shard with mlx-lm's ``sharded_load`` and runs this same loop, so
+every rank takes the same decisions and runs the same steps. Rank 0 alone takes submissions; at
+each turn of the loop it shares what arrived (jobs, cancellations, the stop) with the other ranks
+as one pickled message over ``mx.distributed`` collectives, as ``mlx_lm.server`` shares its
+requests, and the other ranks act on that message as if it had arrived in their own inbox.
+Random state is made the same on every rank at start (as ``mlx_lm.server`` does), so sampling
+agrees too. The prompt cache is off in this mode: its eviction goes by bytes, which differ
+between the ranks' shards, so the ranks would fall out of step.
+
 Prompt cache. Every finished generation leaves its KV cache in mlx-lm's ``LRUPromptCache``
 (bounded by ``prompt_cache_mb``), keyed by its tokens. A new prompt starts from the cache of the
 longest shared prefix (trimmed copy), so the system prompt and tool schemas that every request
@@ -42,6 +52,7 @@ repeats, and the earlier rounds of a tool-calling conversation, are not computed
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import os
 import queue
@@ -96,6 +107,7 @@ class _Job:
     on_token: Callable[[int], None] | None = None  # called on the MLX thread (streaming)
     sampler: Any = None  # made on the MLX thread
     stops: Any = None  # StopSequences when there are stop words, made on the MLX thread
+    key: int = 0  # names the job to the other ranks (distributed)
     tokens: list[int] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     uid: int | None = None
@@ -107,8 +119,14 @@ class Engine:
 
     def __init__(
         self, model_name: str, sampling: SamplingSettings, max_batch_size: int, prompt_cache_mb: int = 0,
-        on_download: Callable[[int, int], None] | None = None,
+        on_download: Callable[[int, int], None] | None = None, sharding: str | None = None,
     ) -> None:  # fmt: skip
+        self.sharding = sharding  # "pipeline" or "tensor": this process is one rank of a group
+        self.rank = 0
+        self._group: Any = None  # the mx.distributed group, when sharded
+        self._keys = itertools.count(1)
+        self._key_of: dict[Future[Completion], int] = {}  # rank 0: job keys by future, while they run
+        self._jobs: dict[int, _Job] = {}  # other ranks: the jobs rank 0 shared, while they run
         self.model_name = model_name
         self._on_download = on_download  # download progress (bytes so far, in all), on the MLX thread
         self.sampling = sampling
@@ -148,7 +166,10 @@ class Engine:
     ) -> Future[Completion]:  # fmt: skip
         """Queue a generation; its future resolves with the ``Completion``. ``on_token`` (for
         streaming) gets each generated token on the MLX thread, before the future resolves."""
-        job = _Job(prompt, max_tokens, Future(), sampling, stop_words, on_token)
+        job = _Job(prompt, max_tokens, Future(), sampling, stop_words, on_token, key=next(self._keys))
+        if self.sharding is not None:
+            self._key_of[job.future] = job.key
+            job.future.add_done_callback(lambda done: self._key_of.pop(done, None))
         with self._death_lock:
             if self._death is not None:
                 job.future.set_exception(self._death)
@@ -214,13 +235,25 @@ class Engine:
         from mlx_lm.generate import BatchGenerator
         from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
         from mlx_lm.sample_utils import make_sampler
+        from mlx_lm.utils import sharded_load
 
         started = time.monotonic()
         try:
             path = self.model_name
             if not is_local(path):
                 path = str(fetch(path, self._on_download or (lambda done, total: None)))
-            model, tokenizer, config = load(path, return_config=True)
+            if self.sharding is None:
+                model, tokenizer, config = load(path, return_config=True)
+            else:
+                self._group = mx.distributed.init()
+                self.rank = self._group.rank()
+                pipeline = self._group if self.sharding == "pipeline" else None
+                tensor = self._group if self.sharding == "tensor" else None
+                model, tokenizer, config = sharded_load(path, pipeline, tensor, return_config=True)
+                # The same random state on every rank, so that sampling agrees (mlx_lm.server).
+                seed = mx.distributed.all_sum(mx.random.state[0], group=self._group).view(mx.uint64).item()
+                mx.random.seed(seed)
+                self.prompt_cache_bytes = 0
         except Exception as exc:
             raise ModelLoadError(f"cannot load model {self.model_name!r}: {type(exc).__name__}: {exc}") from exc
         try:
@@ -272,10 +305,8 @@ class Engine:
             while not stopping or active or solo:
                 # Block only when there is nothing to decode.
                 self._busy = bool(active or solo)
-                items = [self._inbox.get()] if not self._busy else []
+                items = self._receive(block=not self._busy)
                 self._progress = time.monotonic()
-                while not self._inbox.empty():
-                    items.append(self._inbox.get_nowait())
                 arrived = []
                 for item in items:
                     if item is None:
@@ -290,9 +321,8 @@ class Engine:
                             self._end(job, item.keep)
                         else:
                             self._cancel(generator, active, item)
-                    elif item.future.set_running_or_notify_cancel():
-                        if self._prepare(item):
-                            arrived.append(item)
+                    elif self._prepare(item):
+                        arrived.append(item)
                 if arrived:
                     if self._fault == "engine-stall":  # test-only: once per arrival, not per step
                         self._busy = True
@@ -316,6 +346,55 @@ class Engine:
             held = [*active.values(), *([solo.job] if solo else []), *arrived]
             self._die(exc, held)
             raise
+
+    def _receive(self, block: bool) -> list[_Job | _Cancel | None]:
+        """What arrived since the last turn: from the inbox (waiting for it when ``block``), and
+        when sharded, shared by rank 0 with the other ranks, which get it from rank 0 instead."""
+        if self.rank != 0:
+            return [self._unwire(item) for item in self._share(None)]
+        items = [self._inbox.get()] if block else []
+        while not self._inbox.empty():
+            items.append(self._inbox.get_nowait())
+        # A job whose caller gave up before it started is dropped here, before it is shared.
+        items = [item for item in items if not isinstance(item, _Job) or item.future.set_running_or_notify_cancel()]
+        if self._group is not None:
+            self._share([self._wire(item) for item in items])
+        return items
+
+    def _share(self, message: Any) -> Any:
+        """Rank 0's ``message`` on every rank: its pickled size, then its bytes, each summed over
+        the group with zeros from the others (``mlx_lm.server``'s ``_share_object``)."""
+        import pickle
+
+        import mlx.core as mx
+
+        if self.rank == 0:
+            data = mx.array(pickle.dumps(message))
+            mx.eval(mx.distributed.all_sum(data.size, group=self._group))
+            mx.eval(mx.distributed.all_sum(data, group=self._group))
+            return message
+        size = mx.distributed.all_sum(0, group=self._group).item()
+        data = mx.distributed.all_sum(mx.zeros(size, dtype=mx.uint8), group=self._group)
+        return pickle.loads(bytes(data))
+
+    def _wire(self, item: _Job | _Cancel | None) -> tuple[Any, ...]:
+        if item is None:
+            return ("stop",)
+        if isinstance(item, _Cancel):
+            return ("cancel", self._key_of.get(item.future), item.keep)
+        return ("job", item.key, item.prompt, item.max_tokens, item.sampling, item.stop_words)
+
+    def _unwire(self, wire: tuple[Any, ...]) -> _Job | _Cancel | None:
+        if wire[0] == "stop":
+            return None
+        if wire[0] == "cancel":
+            job = self._jobs.get(wire[1])
+            return _Cancel(job.future if job is not None else Future(), wire[2])
+        _, key, prompt, max_tokens, sampling, stop_words = wire
+        job = self._jobs[key] = _Job(prompt, max_tokens, Future(), sampling, stop_words, None, key=key)
+        job.future.add_done_callback(lambda _: self._jobs.pop(key, None))
+        job.future.set_running_or_notify_cancel()
+        return job
 
     def _prepare(self, job: _Job) -> bool:
         """The job's sampler and stop sequences (mlx-lm's), made here on the MLX thread."""

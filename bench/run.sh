@@ -4,6 +4,7 @@
 #   bash bench/run.sh --profile [bench/profile.py options]   py-spy of the worker and HTTP process under load
 #   bash bench/run.sh [bench/throughput.py options]          batched vs one at a time
 #   bash bench/run.sh --prompt-cache [bench/prompt_cache.py options]
+#   bash bench/run.sh --distributed [bench/distributed.py options]   2 ranks over loopback vs one process
 #
 # On Linux, MLX's CPU wheel ships a slow built-in BLAS with which batching gains nothing; Debian's
 # OpenBLAS, preloaded, is ~20x faster on float32 matmuls. This script fetches it (apt-get
@@ -48,6 +49,10 @@ fi
 if [ "${1:-}" = --profile ]; then
     shift
     exec .venv/bin/python bench/profile.py "$@"
+fi
+if [ "${1:-}" = --distributed ]; then
+    shift
+    exec .venv/bin/python bench/distributed.py "$@"
 fi
 if [ "${1:-}" = --prompt-cache ]; then
     shift

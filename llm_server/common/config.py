@@ -71,7 +71,21 @@ class Config:
     api_key: str | None = field(default=None, repr=False)  # a secret: never logged
     max_tool_result_chars: int = 32_000
     max_pending_requests: int = 64
+    distributed: DistributedSpec | None = None  # None: one worker process (the default)
     config_path: Path = field(default=Path("config.json"), compare=False)
+
+
+@dataclass(frozen=True)
+class DistributedSpec:
+    """The optional ``distributed`` block: the model worker as an MLX distributed group that
+    ``mlx.launch`` starts (see the README's "Bigger models")."""
+
+    mode: str  # "pipeline" or "tensor": how mlx-lm's sharded_load splits the model
+    backend: str = "ring"
+    hosts: tuple[str, ...] = ()
+    hostfile: str | None = None
+    ranks_per_host: int = 1
+    starting_port: int | None = None
 
 
 def load_log_filename(path: Path) -> tuple[dict[str, Any], Path]:
@@ -135,6 +149,7 @@ def parse_config(raw: dict[str, Any], path: Path, log_filename: Path) -> Config:
         api_key=check.optional_string("api_key"),
         max_tool_result_chars=check.integer("max_tool_result_chars", 100, 100_000_000, default=32_000),
         max_pending_requests=check.integer("max_pending_requests", 1, 1_000_000, default=64),
+        distributed=_distributed(path, values.get("distributed")),
         config_path=path,
     )
 
@@ -248,6 +263,39 @@ class _Checker:
             upper = "" if math.isinf(high) else f" and <= {high}"
             raise self._fail(key, f"a number {bound}{upper}")
         return float(value)
+
+
+def _distributed(path: Path, value: Any) -> DistributedSpec | None:
+    if value is None:
+        return None
+    where = f"{path}: 'distributed'"
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be an object")
+    check = _Checker(path, value)
+    mode = value.get("mode", "pipeline")
+    if mode not in ("pipeline", "tensor"):
+        raise ConfigError(f'{where}.mode must be "pipeline" or "tensor"')
+    backend = value.get("backend", "ring")
+    if backend not in ("ring", "jaccl", "mpi"):
+        raise ConfigError(f"{where}.backend must be one of ring, jaccl, mpi")
+    hosts = value.get("hosts", [])
+    if not isinstance(hosts, list) or not all(isinstance(h, str) and h for h in hosts):
+        raise ConfigError(f"{where}.hosts must be a list of host names")
+    hostfile = value.get("hostfile")
+    if hostfile is not None:
+        if not isinstance(hostfile, str) or not hostfile:
+            raise ConfigError(f"{where}.hostfile must be a file name")
+        hostfile = str(_resolve(path, hostfile))
+    if bool(hosts) == (hostfile is not None):
+        raise ConfigError(f"{where} needs either 'hosts' or 'hostfile'")
+    return DistributedSpec(
+        mode=mode,
+        backend=backend,
+        hosts=tuple(hosts),
+        hostfile=hostfile,
+        ranks_per_host=check.integer("ranks_per_host", 1, 64, default=1),
+        starting_port=check.integer("starting_port", 1024, 65535, default=None) if "starting_port" in value else None,
+    )
 
 
 _SERVER_TYPES = ("stdio", "sse", "http", "streamable-http")

@@ -60,6 +60,7 @@ from ..common.protocol import (
     Stopped,
 )
 from .console import Console
+from .group import CONNECT_TIMEOUT_S, accept, close_all, start_group
 from .listen import answer_unavailable, bind_socket, take_backlog
 from .log_file import LogHub, StreamPump
 
@@ -220,7 +221,10 @@ class Arbiter:
         here the first time). False if a signal came first."""
         http_end, worker_end = self.ctx.Pipe(duplex=True)
         try:
-            self.worker = self._spawn("model-worker", WORKER_ENTRY, worker_end, self.config)
+            if self.config.distributed is None:
+                self.worker = self._spawn("model-worker", WORKER_ENTRY, worker_end, self.config)
+            else:
+                self.worker = self._launch_group(worker_end)
             ready = self.await_message(self.worker, Ready)
             if ready is None:
                 return False
@@ -296,6 +300,40 @@ class Arbiter:
         StreamPump(output_r, f"{role}[{process.pid}]").start()
         log.info("spawned %s (pid %s)", role, process.pid)
         return Child(role, process, control_parent)
+
+    def _launch_group(self, data_end: Connection) -> Child:
+        """Start the worker as a distributed group through ``mlx.launch`` (``group``); rank 0
+        connects back for its control pipe and its log records, and gets the config and the
+        pipe to the HTTP process over the first."""
+        group, listener = start_group(self.config, bytes(multiprocessing.current_process().authkey))
+        # The ranks log their own levels into these lines; they are not warnings.
+        StreamPump(group.output, f"model-worker-group[{group.pid}]", logging.INFO).start()  # type: ignore[arg-type]
+        log.info("launched the model worker group (pid %s, %s)", group.pid, self.config.distributed)
+        conns: list[Connection] = []
+        accepting = threading.Thread(target=accept, args=(listener, 2, conns), name="group-accept", daemon=True)
+        accepting.start()
+        deadline = time.monotonic() + CONNECT_TIMEOUT_S
+        while accepting.is_alive() and group.is_alive() and not self.signals and time.monotonic() < deadline:
+            accepting.join(0.2)
+        listener.close()
+        accepting.join(5)
+        if len(conns) < 2:
+            group.kill()
+            group.join()
+            close_all(data_end, *conns)
+            if self.signals:
+                self.take_signals()
+                raise Fatal(ExitCode.OK, self.stop_reason or "stopped during start-up")
+            raise Fatal(
+                ExitCode.WORKER_DIED,
+                f"the model worker group (pid {group.pid}) did not connect (launcher exit code {group.exitcode})",
+            )
+        control, records = conns
+        threading.Thread(target=self.hub.relay, args=(records,), name="group-logs", daemon=True).start()
+        control.send(self.config)
+        control.send(Link(data_end))
+        data_end.close()
+        return Child("model-worker", group, control)  # type: ignore[arg-type]
 
     def await_message(self, child: Child, expected: type) -> Any:
         """Wait for ``expected`` from a starting child; None if a signal came first."""

@@ -66,6 +66,16 @@ class LogHub:
         """Wait until every record already in the queue's pipe is in the file."""
         return self.listener.flush(timeout)
 
+    def relay(self, conn: Connection) -> None:
+        """Write the records a distributed worker's rank 0 sends over ``conn`` until it closes
+        (it is no spawned child, so it has no share in the queue)."""
+        while True:
+            try:
+                record = conn.recv()
+            except (EOFError, OSError):
+                return
+            self.file_handler.handle(record)
+
     def stop(self) -> None:
         """Flush everything still queued, then close the file."""
         logging.getLogger().removeHandler(self.file_handler)

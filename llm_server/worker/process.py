@@ -68,14 +68,20 @@ def run_worker(
     # worker it found stuck.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     code = asyncio.run(Worker(config, http_conn, control_conn).run())
-    if code:
-        sys.exit(code)
+    # Leave with os._exit once the last records are through: after MLX has run, a normal
+    # interpreter exit can abort (SIGABRT, "terminate called without an active exception") as
+    # MLX's threads are torn down, which would turn exit 0 or 70 into -6.
+    log_queue.close()
+    log_queue.join_thread()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 class Worker:
     """The worker's asyncio side: pipes, request tasks and the order of start and stop."""
 
-    def __init__(self, config: Config, http_conn: Connection, control_conn: Connection) -> None:
+    def __init__(self, config: Config, http_conn: Connection | None, control_conn: Connection) -> None:
         self.config = config
         self._http_conn = http_conn
         self._control_conn = control_conn
@@ -109,6 +115,7 @@ class Worker:
                 self.config.max_batch_size,
                 self.config.prompt_cache_mb,
                 on_download=self._download_progress,
+                sharding=self.config.distributed.mode if self.config.distributed else None,
             )
             log.info("loading model %s", self.config.model_name)
             try:
@@ -128,7 +135,8 @@ class Worker:
                 max_tool_rounds=self.config.max_tool_rounds,
                 host=host,
             )
-            self._link(self._http_conn)
+            if self._http_conn is not None:  # else (a distributed group's rank 0) it comes as a Link
+                self._link(self._http_conn)
             tools = len(host.tools())
             await control.send(Ready(self.config.model_name, engine.context_window, tools))
             died = asyncio.wrap_future(engine.died)

@@ -1,0 +1,93 @@
+"""One rank of the model worker's distributed group: ``python -m llm_server.worker.rank``.
+
+``mlx.launch`` starts this on every host (``MLX_RANK`` says which rank it is). Rank 0 connects
+back to the supervisor (``LLM_SERVER_SUPERVISOR``, authenticated with ``LLM_SERVER_AUTHKEY``):
+first the control connection, on which the config arrives, then a connection for its log
+records; then it is the model worker of a single-process daemon, its engine sharded (the pipe to
+the HTTP process arrives as a ``Link``). The other ranks build the same engine from
+``LLM_SERVER_ENGINE`` and follow rank 0 until it stops; their log lines go to stderr, which the
+launcher forwards to the supervisor's log. Every rank leaves with ``os._exit``, as a spawned
+child does (MLX's threads make a normal interpreter exit after the model is freed abort).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import faulthandler
+import json
+import logging
+import logging.handlers
+import multiprocessing
+import os
+import signal
+import sys
+from multiprocessing.connection import Client, Connection
+from typing import Any
+
+from setproctitle import setproctitle
+
+from ..common.logs import FORMAT, LEVELS, RequestIdFilter
+from .engine import Engine, SamplingSettings
+
+
+def main() -> int:
+    rank = int(os.environ.get("MLX_RANK", "0"))
+    setproctitle(f"llm-server: model-worker rank {rank}")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor stops the group in order
+    if rank == 0:
+        return _leader()
+    return _follower(rank)
+
+
+class _Sender:
+    """A ``QueueHandler`` queue that sends each record over a connection to the supervisor."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def put_nowait(self, record: logging.LogRecord) -> None:
+        try:
+            self.conn.send(record)
+        except (OSError, ValueError):
+            pass
+
+
+def _leader() -> int:
+    from .process import Worker
+
+    authkey = bytes.fromhex(os.environ["LLM_SERVER_AUTHKEY"])
+    multiprocessing.current_process().authkey = authkey  # for Connections passed as ``Link``
+    host, port = os.environ["LLM_SERVER_SUPERVISOR"].rsplit(":", 1)
+    control = Client((host, int(port)), authkey=authkey)
+    logs = Client((host, int(port)), authkey=authkey)
+    config = control.recv()
+    handler = logging.handlers.QueueHandler(_Sender(logs))  # type: ignore[arg-type]
+    handler.addFilter(RequestIdFilter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(LEVELS[config.log_level])
+    multiprocessing.current_process().name = "model-worker"
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    return asyncio.run(Worker(config, None, control).run())
+
+
+def _follower(rank: int) -> int:
+    settings: dict[str, Any] = json.loads(os.environ["LLM_SERVER_ENGINE"])
+    logging.basicConfig(
+        stream=sys.stderr, level=LEVELS[settings["log_level"]], format=FORMAT.replace("%(processName)s", f"rank{rank}")
+    )
+    logging.getLogger().handlers[0].addFilter(RequestIdFilter())
+    engine = Engine(
+        settings["model_name"], SamplingSettings(*settings["sampling"]), settings["max_batch_size"],
+        sharding=settings["sharding"],
+    )  # fmt: skip
+    engine.start().result()
+    engine.stop()  # returns once rank 0 has shared its stop (or the group is torn down)
+    return 0
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -1,0 +1,109 @@
+"""The daemon with its model worker as a two-rank MLX distributed group (``mlx.launch``, ring
+backend over loopback): the same answers as one process, batching, a tool call, a rank's death,
+and an ordered stop that leaves no rank behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+import pytest
+from daemon import Daemon, HttpResult, ask_in_background, base_config, cmdline, free_port
+from tool_model import MAX_TOOL_ROUNDS, SYSTEM_PROMPT, TOOL_TIMEOUT_S, calc_servers
+
+PIRATE = {"prompt": "Why?", "system_prompt": "You are a pirate."}
+PROMPTS = ["What is the capital of France?", "Tell me a story", "hello", "Why?"]
+
+
+def with_weight_index(model: Path, folder: Path) -> Path:
+    """A copy of ``model`` with the weight index mlx-lm's ``sharded_load`` reads."""
+    shutil.copytree(model, folder)
+    names = mx.load(str(folder / "model.safetensors")).keys()
+    index = {"metadata": {}, "weight_map": {name: "model.safetensors" for name in names}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return folder
+
+
+def group(mode: str) -> dict:
+    return {"hosts": ["127.0.0.1"], "ranks_per_host": 2, "mode": mode}
+
+
+def rank_pids(daemon: Daemon) -> list[int]:
+    return [p for p in daemon.descendants() if cmdline(p).startswith("llm-server: model-worker rank")]
+
+
+@pytest.fixture(scope="module")
+def sharded(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return with_weight_index(tiny_model, tmp_path_factory.mktemp("sharded") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def reference(sharded: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """One process's greedy answers."""
+    daemon = Daemon(tmp_path_factory.mktemp("one"), base_config(sharded, free_port(), max_tokens=30))
+    try:
+        daemon.start().wait_serving()
+        answers = {p: daemon.ask(p).json()["response"] for p in PROMPTS}
+        answers["pirate"] = daemon.post_json(PIRATE).json()["response"]
+        return answers
+    finally:
+        daemon.kill_all()
+
+
+@pytest.mark.parametrize("mode", ["pipeline", "tensor"])
+def test_two_ranks_answer_as_one_process(make_daemon: Callable[..., Daemon], sharded: Path,
+                                          reference: dict[str, str], mode: str) -> None:  # fmt: skip
+    """Scenario: two ranks, each with its shard; alone and four at once (one batch), the greedy
+    answers are one process's; SIGTERM stops every rank, exit 0."""
+    daemon = make_daemon(base_config(sharded, free_port(), max_tokens=30, distributed=group(mode)))
+    daemon.start().wait_serving(180)
+    assert len(rank_pids(daemon)) == 2
+    assert daemon.post_json(PIRATE).json()["response"] == reference["pirate"]
+    threads, results = ask_in_background(daemon, PROMPTS)
+    for t in threads:
+        t.join(120)
+    assert [results[i].json()["response"] for i in range(len(PROMPTS))] == [reference[p] for p in PROMPTS]
+    ranks = rank_pids(daemon)
+    daemon.signal()
+    assert daemon.wait_exit(120) == 0
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in ranks)
+    log = daemon.log_text()
+    assert re.search(r"INFO rank1\[\d+\] - model .* loaded", log)  # the follower's lines reach the log
+
+
+def test_tool_call_and_a_rank_dying(make_daemon: Callable[..., Daemon], tool_model: Path, tmp_path: Path) -> None:
+    """Scenario (the tiny model trained to call the calc server's tools, pipeline mode):
+    1. "What is 2 + 3?" goes through a tool call, answered as on one machine;
+    2. rank 1 is killed mid-request (during a slow tool call): the request gets a 500, the group is restarted (both
+       ranks new), and the next request succeeds."""
+    model = with_weight_index(tool_model, tmp_path / "tool-model")
+    config = base_config(
+        model, free_port(), servers={"calc": {**calc_servers()["calc"], "timeout": 30}},
+        system_prompt=SYSTEM_PROMPT, max_tokens=200,
+        tool_timeout_s=TOOL_TIMEOUT_S, max_tool_rounds=MAX_TOOL_ROUNDS, distributed=group("pipeline"),
+    )  # fmt: skip
+    daemon = make_daemon(config).start().wait_serving(180)
+    answer = daemon.ask("What is 2 + 3?")
+    assert answer.status == 200 and answer.json()["response"] == "2 + 3 = 5."
+    assert "tool call add server=calc" in daemon.log_text()
+    threads, results = ask_in_background(daemon, ["Wait for 5 seconds."])  # a slow tool call
+    daemon.wait_log("request from", count=2)
+    time.sleep(1.0)
+    follower = [p for p in rank_pids(daemon) if cmdline(p).endswith("rank 1")]
+    assert len(follower) == 1
+    os.kill(follower[0], signal.SIGKILL)
+    threads[0].join(120)
+    assert isinstance(results[0], HttpResult) and results[0].status == 500, results[0]
+    daemon.wait_log("restarting the model worker")
+    daemon.wait_log("serving on", count=2, timeout=180)
+    assert daemon.ask("What is 2 + 3?").json()["response"] == "2 + 3 = 5."
+    assert follower[0] not in rank_pids(daemon)
+    daemon.signal()
+    assert daemon.wait_exit(120) == 0

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -70,40 +71,51 @@ def test_two_ranks_answer_as_one_process(make_daemon: Callable[..., Daemon], sha
     for t in threads:
         t.join(120)
     assert [results[i].json()["response"] for i in range(len(PROMPTS))] == [reference[p] for p in PROMPTS]
+    log = daemon.log_text()
+    assert re.search(r"INFO model-worker\.rank0\[\d+\] - model .* loaded", log)
+    assert re.search(r"INFO rank1\[\d+\] - model .* loaded", log)  # the follower's lines reach the log
     ranks = rank_pids(daemon)
     daemon.signal()
     assert daemon.wait_exit(120) == 0
     assert not any(os.path.exists(f"/proc/{pid}") for pid in ranks)
-    log = daemon.log_text()
-    assert re.search(r"INFO rank1\[\d+\] - model .* loaded", log)  # the follower's lines reach the log
 
 
-def test_tool_call_and_a_rank_dying(make_daemon: Callable[..., Daemon], tool_model: Path, tmp_path: Path) -> None:
-    """Scenario (the tiny model trained to call the calc server's tools, pipeline mode):
-    1. "What is 2 + 3?" goes through a tool call, answered as on one machine;
-    2. rank 1 is killed mid-request (during a slow tool call): the request gets a 500, the group is restarted (both
-       ranks new), and the next request succeeds."""
+def test_a_rank_dying_mid_generation(make_daemon: Callable[..., Daemon], sharded: Path) -> None:
+    """Scenario (pipeline mode, a generation of 100,000 tokens in flight): rank 1 is killed; the
+    launcher stops the group, the request gets a 500, the group is started again (new ranks),
+    the HTTP process answers 503 meanwhile, and the next request succeeds."""
+    daemon = make_daemon(base_config(sharded, free_port(), max_tokens=30, distributed=group("pipeline")))
+    daemon.start().wait_serving(180)
+    long_story: list[object] = []
+    thread = threading.Thread(
+        target=lambda: long_story.append(daemon.post_json({"prompt": "A long story.", "max_tokens": 100_000}))
+    )
+    thread.start()
+    daemon.wait_log("sequence runs alone")
+    time.sleep(0.5)
+    (follower,) = [p for p in rank_pids(daemon) if cmdline(p).endswith("rank 1")]
+    os.kill(follower, signal.SIGKILL)
+    thread.join(120)
+    assert isinstance(long_story[0], HttpResult) and long_story[0].status == 500, long_story
+    daemon.wait_log("restarting the model worker")
+    daemon.wait_log("serving on", count=2, timeout=180)
+    assert daemon.post_json(PIRATE).status == 200
+    assert follower not in rank_pids(daemon) and len(rank_pids(daemon)) == 2
+    daemon.signal()
+    assert daemon.wait_exit(120) == 0
+
+
+def test_tool_call_through_the_group(make_daemon: Callable[..., Daemon], tool_model: Path, tmp_path: Path) -> None:
+    """The tiny model trained to call the calc server's tools, pipeline mode: "What is 2 + 3?"
+    goes through a tool call and is answered as on one machine."""
     model = with_weight_index(tool_model, tmp_path / "tool-model")
     config = base_config(
-        model, free_port(), servers={"calc": {**calc_servers()["calc"], "timeout": 30}},
-        system_prompt=SYSTEM_PROMPT, max_tokens=200,
+        model, free_port(), servers=calc_servers(), system_prompt=SYSTEM_PROMPT, max_tokens=200,
         tool_timeout_s=TOOL_TIMEOUT_S, max_tool_rounds=MAX_TOOL_ROUNDS, distributed=group("pipeline"),
     )  # fmt: skip
     daemon = make_daemon(config).start().wait_serving(180)
     answer = daemon.ask("What is 2 + 3?")
     assert answer.status == 200 and answer.json()["response"] == "2 + 3 = 5."
     assert "tool call add server=calc" in daemon.log_text()
-    threads, results = ask_in_background(daemon, ["Wait for 5 seconds."])  # a slow tool call
-    daemon.wait_log("request from", count=2)
-    time.sleep(1.0)
-    follower = [p for p in rank_pids(daemon) if cmdline(p).endswith("rank 1")]
-    assert len(follower) == 1
-    os.kill(follower[0], signal.SIGKILL)
-    threads[0].join(120)
-    assert isinstance(results[0], HttpResult) and results[0].status == 500, results[0]
-    daemon.wait_log("restarting the model worker")
-    daemon.wait_log("serving on", count=2, timeout=180)
-    assert daemon.ask("What is 2 + 3?").json()["response"] == "2 + 3 = 5."
-    assert follower[0] not in rank_pids(daemon)
     daemon.signal()
     assert daemon.wait_exit(120) == 0

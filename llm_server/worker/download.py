@@ -10,6 +10,7 @@ by line); the supervisor's console shows the report instead.
 from __future__ import annotations
 
 import io
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -44,4 +45,7 @@ def _reporting(report: Report) -> type[tqdm]:
                 report(int(self.n), int(self.total))
             return shown
 
+    # tqdm's default lock includes a multiprocessing semaphore, which the worker (leaving with
+    # os._exit) would never release; a thread lock is all these bars need.
+    ReportingTqdm.set_lock(threading.RLock())
     return ReportingTqdm

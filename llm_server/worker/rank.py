@@ -66,7 +66,7 @@ def _leader() -> int:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(LEVELS[config.log_level])
-    multiprocessing.current_process().name = "model-worker"
+    multiprocessing.current_process().name = "model-worker.rank0"  # the other ranks log as rank1, ...
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     return asyncio.run(Worker(config, None, control).run())
 

@@ -214,6 +214,3 @@ class Stopped:
 
     detail: str = ""
 
-
-WorkerBound = Generate | Cancel
-HttpBound = Delta | Reply | Failure

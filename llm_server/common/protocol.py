@@ -180,6 +180,12 @@ class Link:
 
 
 @dataclass(frozen=True)
+class Linked:
+    """HTTP -> supervisor: the pipe from the last ``Link`` is in use (requests go to the new
+    worker from now on)."""
+
+
+@dataclass(frozen=True)
 class StartupFailed:
     """Child -> supervisor: the child cannot start; it exits right after sending this."""
 
@@ -213,4 +219,3 @@ class Stopped:
     """Child -> supervisor: the child finished its shutdown sequence; ``detail`` says how."""
 
     detail: str = ""
-

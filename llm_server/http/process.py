@@ -35,6 +35,7 @@ from ..common.protocol import (
     FailureCategory,
     Generate,
     Link,
+    Linked,
     ListenerClosed,
     Listening,
     Options,
@@ -181,6 +182,8 @@ class Gateway:
         elif isinstance(message, Link):
             self._link(message.conn)
             log.info("linked to a new model worker")
+            assert self.control is not None
+            self.control.send_soon(Linked())
 
     def begin_drain(self) -> None:
         """Stop accepting; Sanic then waits for in-flight requests before returning."""

@@ -48,6 +48,7 @@ from ..common.child import run_child
 from ..common.config import Config
 from ..common.protocol import (
     Link,
+    Linked,
     ListenerClosed,
     Listening,
     Notice,
@@ -236,6 +237,9 @@ class Arbiter:
             self.console.say(f"model loaded: {ready.model_name} (context window {ready.context_window} tokens)")
             if self.http is not None:
                 self._send(self.http, Link(http_end))
+                # Serving only once the HTTP process uses the new pipe (503 until then).
+                if self.await_message(self.http, Linked) is None:
+                    return False
                 log.info("http process linked to the new model worker")
                 self._serving()
                 return True

@@ -64,9 +64,9 @@ def test_backpressure(make_daemon: Callable[..., Daemon]) -> None:
     threads, results = ask_in_background(daemon, [f"long story {i}" for i in range(4)])
     daemon.wait_log("request from", count=4)
     time.sleep(0.3)
-    started = time.monotonic()
     refused = daemon.ask("one more")
-    assert refused.status == 503 and time.monotonic() - started < 5
+    assert refused.status == 503
+    assert all(t.is_alive() for t in threads)  # answered while the four still ran: not queued behind them
     assert refused.headers["retry-after"] == "1" and "max_pending_requests" in refused.json()["Error"]
     daemon.wait_log("4 requests pending (max_pending_requests): answering 503")
     for t in threads:
@@ -88,6 +88,7 @@ def test_result_cap_and_server_timeout_with_the_tool_model(make_daemon: Callable
     daemon = make_daemon(config).start().wait_serving()
     assert daemon.ask("Wait for 5 seconds.").status == 200
     daemon.wait_log("tool call slow server=calc")
-    assert re.search(r"tool call slow server=calc duration=1\d{3}ms outcome=timeout", daemon.log_text())
+    assert re.search(r"tool call slow server=calc duration=\d+ms outcome=timeout", daemon.log_text())
+    assert "tool 'slow' timed out after 1s" in daemon.log_text()  # the server's own timeout, not 30 s
     assert daemon.ask("Read me the big report.").status == 200
     daemon.wait_log(f"tool call big result cut from {BIG_REPORT_CHARS} to 2000 characters (max_tool_result_chars)")

@@ -500,41 +500,40 @@ class Engine:
         # The cache holds every token fed so far, the last generated one included; the batch
         # feeds that token again to produce the next, so it leaves the cache.
         trim_prompt_cache(solo.cache, 1)
-        try:
-            (uid,) = generator.insert(
-                [solo.fed[-1:]],
-                max_tokens=[job.max_tokens - len(job.tokens)],
-                caches=[solo.cache],
-                all_tokens=[solo.fed[:-1]],
-                samplers=[job.sampler],
-                stop_sequences=[job.stops] if job.stops else None,
-            )
-        except Exception as exc:
-            job.future.set_exception(exc)
-            return
-        job.uid = uid
-        active[uid] = job
-        log.debug("lone sequence handed to the batch after %d tokens", len(job.tokens))
+        if self._enter_batch(generator, active, job, solo.fed[-1:], solo.cache, solo.fed[:-1]):
+            log.debug("lone sequence handed to the batch after %d tokens", len(job.tokens))
 
     # --- several: mlx-lm's BatchGenerator -----------------------------------------------------------
 
     def _insert(self, generator: Any, active: dict[int, _Job], job: _Job) -> None:
         try:
             cache, rest = self._cached_prefix(job.prompt)
-            job.cached_tokens = len(job.prompt) - len(rest)
+        except Exception as exc:
+            job.future.set_exception(exc)
+            return
+        job.cached_tokens = len(job.prompt) - len(rest)
+        self._enter_batch(generator, active, job, rest, cache, job.prompt[: job.cached_tokens])
+
+    def _enter_batch(
+        self, generator: Any, active: dict[int, _Job], job: _Job, tokens: list[int], cache: Any, done: list[int]
+    ) -> bool:
+        """Insert ``job`` into the batch: ``tokens`` still to feed on top of ``cache`` (which holds
+        ``done``), for the tokens the job has left, with its own sampler and stop words."""
+        try:
             (uid,) = generator.insert(
-                [rest],
-                max_tokens=[job.max_tokens],
+                [tokens],
+                max_tokens=[job.max_tokens - len(job.tokens)],
                 caches=[cache],
-                all_tokens=[job.prompt[: job.cached_tokens]],
+                all_tokens=[done],
                 samplers=[job.sampler],
                 stop_sequences=[job.stops] if job.stops else None,
             )
         except Exception as exc:
             job.future.set_exception(exc)
-            return
+            return False
         job.uid = uid
         active[uid] = job
+        return True
 
     def _cached_prefix(self, prompt: list[int]) -> tuple[Any, list[int]]:
         """The KV cache of the longest cached prefix of `prompt` (a copy) and the tokens left."""

@@ -239,6 +239,8 @@ def parse_response(data: bytes) -> HttpResult:
     for line in lines[1:]:
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
+    if "content-length" in headers:  # what follows is the answer to a next (pipelined) request
+        body = body[: int(headers["content-length"])]
     return HttpResult(status, headers, body)
 
 
@@ -310,7 +312,8 @@ def post_and_hang_up(daemon: Daemon, prompt: str, linger_s: float = 0.0) -> None
     """POST a prompt, wait until the daemon has logged the request (and `linger_s` more), then
     close the connection without reading the answer, as an impatient client does."""
     body = json.dumps({"prompt": prompt}).encode()
-    head = f"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    head = f"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    head += "\r\n"
     before = daemon.log_text().count("request from")
     with socket.create_connection(("127.0.0.1", daemon.port), timeout=30) as sock:
         sock.sendall(head.encode() + body)

@@ -41,6 +41,8 @@ def test_valid_config_with_defaults(tmp_path: Path) -> None:
     assert config.prompt_cache_mb == 1024
     assert config.worker_restarts == 3 and config.worker_restart_window_s == 3600.0
     assert config.worker_stall_timeout_s == 300.0 and config.request_timeout_s == 3600.0
+    assert config.max_pending_requests is None  # no cap: requests queue
+    assert config.allowed_origins == () and config.allowed_hosts == ()
     assert config.log_filename == tmp_path.resolve() / "server.log"
 
 
@@ -66,11 +68,26 @@ def test_every_key_is_required(tmp_path: Path, key: str) -> None:
         ("max_tokens", 0), ("listening_host", ""), ("prompt_cache_mb", -1), ("prompt_cache_mb", 1.5),
         ("worker_restart_window_s", 0), ("worker_restart_window_s", "1h"),
         ("worker_stall_timeout_s", 0), ("request_timeout_s", -1),
+        ("max_pending_requests", 0), ("max_pending_requests", "64"),
+        ("allowed_origins", "http://localhost:3000"), ("allowed_origins", ["http://localhost:3000/app"]),
+        ("allowed_origins", ["localhost:3000"]), ("allowed_origins", [""]),
+        ("allowed_hosts", "myhost"), ("allowed_hosts", ["myhost:8000"]), ("allowed_hosts", ["http://myhost"]),
+        ("allowed_hosts", ["[::1]:80"]),
     ],
 )
 def test_bad_values_name_the_key(tmp_path: Path, key: str, value: object) -> None:
     with pytest.raises(ConfigError, match=key):
         load_config(write(tmp_path, {**VALID, key: value}))
+
+
+def test_browser_keys_are_normalised(tmp_path: Path) -> None:
+    document = {**VALID, "allowed_origins": ["HTTP://LocalHost:3000/", "*"], "allowed_hosts": ["My-Mac.", "[::1]"],
+                "max_pending_requests": None}  # fmt: skip
+    config = load_config(write(tmp_path, document))
+    assert config.allowed_origins == ("http://localhost:3000", "*")
+    assert config.allowed_hosts == ("my-mac", "::1")
+    assert config.max_pending_requests is None
+    assert load_config(write(tmp_path, {**VALID, "max_pending_requests": 4})).max_pending_requests == 4
 
 
 @pytest.mark.parametrize("level", ["trace", "debug", "info", "warning", "error", "WARNING"])
@@ -143,3 +160,30 @@ def test_bad_mcp_json_server_keys(tmp_path: Path, entry: dict, message: str) -> 
 def test_servers_and_mcp_servers_together(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="'servers' and 'mcpServers'"):
         load_config(write(tmp_path, {**VALID, "mcpServers": {}}))
+
+
+def test_served_model_name_defaults_to_the_hub_id_or_the_folders_own_name(tmp_path: Path) -> None:
+    """A local folder's absolute path is never the name clients see."""
+    assert load_config(write(tmp_path, VALID)).served_model_name == "some/model"
+    folder = tmp_path / "models" / "my-model"
+    folder.mkdir(parents=True)
+    assert load_config(write(tmp_path, {**VALID, "model_name": f"{folder}/"})).served_model_name == "my-model"
+    named = {**VALID, "model_name": str(folder), "served_model_name": "local"}
+    assert load_config(write(tmp_path, named)).served_model_name == "local"
+    with pytest.raises(ConfigError, match="served_model_name"):
+        load_config(write(tmp_path, {**VALID, "served_model_name": ""}))
+
+
+def test_ring_backend_needs_ips(tmp_path: Path) -> None:
+    """Host names with the ring backend are a config error (mlx.launch would fail later with a
+    traceback); IPs, other backends, and a host file whose hosts all have IPs are fine."""
+    for hosts in (["mac-a.local", "192.168.1.11"], ["localhost"]):
+        with pytest.raises(ConfigError, match="the ring backend needs IP addresses"):
+            load_config(write(tmp_path, {**VALID, "distributed": {"hosts": hosts}}))
+    assert load_config(write(tmp_path, {**VALID, "distributed": {"hosts": ["192.168.1.10", "::1"]}})).distributed
+    assert load_config(write(tmp_path, {**VALID, "distributed": {"hosts": ["mac-a"], "backend": "mpi"}})).distributed
+    (tmp_path / "hosts.json").write_text(json.dumps([{"ssh": "mac-a", "ips": ["192.168.1.10"]}, {"ssh": "mac-b"}]))
+    with pytest.raises(ConfigError, match="the ring backend needs IP addresses: give 'ips' for mac-b"):
+        load_config(write(tmp_path, {**VALID, "distributed": {"hostfile": "hosts.json"}}))
+    (tmp_path / "hosts.json").write_text(json.dumps({"hosts": [{"ssh": "mac-a", "ips": ["192.168.1.10"]}]}))
+    assert load_config(write(tmp_path, {**VALID, "distributed": {"hostfile": "hosts.json"}})).distributed

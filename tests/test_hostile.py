@@ -3,9 +3,12 @@
 Hypothesis builds the requests: random bytes, invalid UTF-8, JSON of every shape and wrong type,
 deep and huge JSON, duplicate keys, odd methods, paths and headers, bodies just under and over
 10 MB, chunked bodies that overflow midway, truncated bodies, slow senders and clients that vanish
-mid-request. Every answer must be JSON: 4xx ``{"Error"}`` (200 ``{"response"}`` only where the
-generated body happens to be a valid request), never 5xx, never HTML; the daemon stays up and a
-valid request afterwards succeeds.
+mid-request; and malformed heads as raw-HTTP fuzzers send them: methods that are no token
+(non-ASCII bytes included), bare LF line ends in the request line and headers, binary request
+lines, broken header lines. Every answer must be JSON: 4xx ``{"Error"}`` (200 ``{"response"}``
+only where the generated body happens to be a valid request; a malformed head gets 400), never
+5xx, never HTML, and every complete request gets one (only a client that vanishes or stops
+sending early may see none); the daemon stays up and a valid request afterwards succeeds.
 
 CI runs ``LLM_SERVER_CAMPAIGN`` requests (default 400); the full campaign is
 ``LLM_SERVER_CAMPAIGN=10000 bash tests/run.sh tests/test_hostile.py``.
@@ -38,11 +41,12 @@ class Attack:
     how: str = "whole"  # whole | slow | vanish | half-close
     may_succeed: bool = False  # the body is a valid request: 200 is a correct answer
     method: str = "POST"
+    status: int | None = None  # the one right answer: 400 ``{"Error"}`` for a malformed head (no endpoint read)
 
     @property
     def path(self) -> bytes:
         """The request line's target."""
-        parts = self.data.split(b"\r\n", 1)[0].split(b" ")
+        parts = self.data.split(b"\n", 1)[0].rstrip(b"\r").split(b" ")
         return parts[1] if len(parts) > 2 else b""
 
     def __repr__(self) -> str:  # keep hypothesis' failure reports readable
@@ -51,7 +55,7 @@ class Attack:
 
 def request(body: bytes, *, method: str = "POST", path: str = "/", headers: dict[str, str] | None = None,
             length: int | None = None) -> bytes:  # fmt: skip
-    lines = [f"{method} {path} HTTP/1.1", "Host: test"]
+    lines = [f"{method} {path} HTTP/1.1", "Host: localhost"]
     lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
     if length is not None:
         lines.append(f"Content-Length: {length}")
@@ -156,18 +160,64 @@ def odd_requests(draw: st.DrawFn) -> Attack:
         size = draw(st.sampled_from([b"zz", b"-5", b"ffffffffffffffffff", b"5;x=y"]))
         return Attack(request(size + b"\r\nhello\r\n0\r\n\r\n", headers={"Transfer-Encoding": "chunked"}))
     line = draw(st.binary(min_size=1, max_size=60).filter(lambda b: b"\r\n" not in b))
-    return Attack(line + b"\r\nHost: test\r\n\r\n")
+    return Attack(line + b"\r\nHost: localhost\r\n\r\n")
+
+
+TCHAR = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+NOT_TCHAR = sorted(set(range(256)) - TCHAR - set(b" \r\n"))  # bytes no method may hold
+
+
+@st.composite
+def bare_lf(draw: st.DrawFn) -> Attack:
+    """A request of the other generators with some of its head's CRLFs (at least one) sent as bare
+    LF: a line end all the same (RFC 9112 §2.2), so it gets the answer the CRLF request gets."""
+    attack = draw(st.one_of(json_bodies(), odd_requests()))
+    head, _, body = attack.data.partition(b"\r\n\r\n")
+    ends = head.count(b"\r\n") + 2
+    bare = draw(st.lists(st.booleans(), min_size=ends, max_size=ends).filter(any))
+    lines = (head + b"\r\n").split(b"\r\n")
+    head = b"".join(line + (b"\n" if lf else b"\r\n") for line, lf in zip(lines, bare))
+    return Attack(head + body, may_succeed=attack.may_succeed, method=attack.method, status=attack.status)
+
+
+@st.composite
+def malformed_heads(draw: st.DrawFn) -> Attack:
+    """Heads no HTTP/1.1 parser may accept: a method that is no token (non-ASCII included), a
+    binary request line, broken header lines; with CRLF or bare LF line ends. Each gets 400."""
+    kind = draw(st.sampled_from(["method", "binary", "tls", "field"]))
+    eol = draw(st.sampled_from([b"\r\n", b"\n"]))
+    body = b'{"prompt": "hi"}'
+    fields = [b"Host: localhost", b"Content-Length: %d" % len(body)]
+    if kind == "method":  # a token with a byte outside tchar somewhere in it
+        before, after = draw(st.binary(max_size=6)), draw(st.binary(max_size=6))
+        bad = bytes(draw(st.lists(st.sampled_from(NOT_TCHAR), min_size=1, max_size=3)))
+        method = (before + bad + after).replace(b"\r", b"").replace(b"\n", b"")
+        line = method + b" " + draw(st.sampled_from([b"/", b"/v1/chat/completions", b"/x"])) + b" HTTP/1.1"
+    elif kind == "binary":  # garbage, then a line end and headers
+        line = bytes([draw(st.sampled_from(NOT_TCHAR))]) + draw(st.binary(max_size=60))
+        line = line.replace(b"\r", b"").replace(b"\n", b"")
+    elif kind == "tls":  # garbage with no line end at all: a TLS ClientHello sent to the HTTP port
+        hello = b"\x16\x03\x01" + draw(st.binary(min_size=2, max_size=200))
+        return Attack(hello, status=400)
+    else:
+        line = b"POST / HTTP/1.1"
+        broken = draw(st.sampled_from([b"Host : localhost", b"X-A: b\x00c", b"X-A: b\rc", b" folded: yes",
+                                       b"X-A: b" + eol + b" folded", b"no colon", b": empty name", b"X\xffA: b",
+                                       b"X-A: b\x7f", b"X(A): b"]))  # fmt: skip
+        fields.insert(draw(st.integers(0, len(fields))), broken)
+    return Attack(eol.join([line, *fields, b"", body]), status=400)
 
 
 @st.composite
 def attacks(draw: st.DrawFn) -> Attack:
-    attack = draw(st.one_of(json_bodies(), byte_bodies(), shaped_bodies(), odd_requests()))
+    attack = draw(st.one_of(json_bodies(), byte_bodies(), shaped_bodies(), odd_requests(), bare_lf(),
+                            malformed_heads()))  # fmt: skip
     how = draw(st.sampled_from(["whole"] * 6 + ["slow", "vanish", "half-close"]))
     if how != "whole" and len(attack.data) > 100_000:
         how = "whole"
     if how == "half-close":  # a body shorter than its Content-Length: the client gives up sending
-        return Attack(attack.data[: max(1, len(attack.data) - 3)], how, False, attack.method)
-    return Attack(attack.data, how, attack.may_succeed, attack.method)
+        return Attack(attack.data[: max(1, len(attack.data) - 3)], how, False, attack.method, attack.status)
+    return Attack(attack.data, how, attack.may_succeed, attack.method, attack.status)
 
 
 def send(port: int, attack: Attack) -> HttpResult | None:
@@ -202,6 +252,35 @@ def daemon(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 counts: dict[str, int] = {}
 
 
+def test_the_fuzzers_malformed_requests_get_json_answers(daemon: Daemon) -> None:
+    """The three shapes a raw-HTTP fuzzer found closed without a word or answered with a
+    plain-text 500, each on its own connection:
+
+    1. a valid POST with bare LF line ends: served (200) as with CRLF;
+    2. binary garbage as the request line, then headers; and garbage with no line end at all
+       (a TLS ClientHello): 400 ``{"Error"}``, at once;
+    3. a non-ASCII method (``\\xff\\xfe / HTTP/1.1``): 400 ``{"Error"}``, not 500.
+
+    Every answer is JSON with an ``X-Request-Id``.
+    """
+    body = b'{"prompt": "hi"}'
+    bare = b"POST / HTTP/1.1\nHost: localhost\nContent-Type: application/json\nContent-Length: 16\n\n" + body
+    served = send(daemon.port, Attack(bare))
+    assert served is not None and served.status == 200, served
+    assert isinstance(json.loads(served.body)["response"], str) and served.headers.get("x-request-id")
+
+    for malformed in (
+        b"\x00\x9c\xff\x01garbage\x7f\r\nHost: localhost\r\n\r\n",
+        b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03",
+        b"\xff\xfe / HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    ):
+        result = send(daemon.port, Attack(malformed))
+        assert result is not None, f"no answer to {malformed!r}"
+        assert result.status == 400, (malformed, result.status, result.body)
+        assert result.headers["content-type"].startswith("application/json") and result.headers.get("x-request-id")
+        assert "malformed request line" in json.loads(result.body)["Error"]
+
+
 @settings(
     max_examples=CAMPAIGN,
     deadline=None,
@@ -215,16 +294,19 @@ def test_hostile_requests_get_json_4xx_and_the_daemon_stays_up(daemon: Daemon, a
     counts["sent"] = counts.get("sent", 0) + 1
     if result is None:
         counts["no answer"] = counts.get("no answer", 0) + 1
+        assert attack.how in ("vanish", "half-close"), f"a complete request got no answer: {attack}"
         return
     counts[str(result.status)] = counts.get(str(result.status), 0) + 1
     assert result.status < 500, (result.status, result.body[:300])
+    assert attack.status in (None, result.status), (attack, result.status, result.body[:300])
+    assert result.headers.get("x-request-id"), (attack, result.status, result.headers)
     if attack.method == "HEAD":
         return
     assert result.headers.get("content-type", "").startswith("application/json"), (result.headers, result.body[:300])
     document = json.loads(result.body)
     if result.status == 200:
         assert attack.may_succeed and isinstance(document.get("response"), str), (attack, document)
-    elif attack.path == b"/v1/chat/completions":  # an OpenAI endpoint: its error object
+    elif attack.path == b"/v1/chat/completions" and attack.status is None:  # an OpenAI endpoint: its error object
         assert 400 <= result.status < 500 and isinstance(document["error"]["message"], str), (result.status, document)
     else:
         assert 400 <= result.status < 500 and isinstance(document.get("Error"), str), (result.status, document)

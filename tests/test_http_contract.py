@@ -23,8 +23,10 @@ def daemon(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterat
 
 
 def assert_json_error(result, status: int) -> str:
+    """A JSON ``{"Error"}`` with ``status``, and an ``X-Request-Id`` like every answer."""
     assert result.status == status, (result.status, result.body)
     assert result.headers["content-type"].startswith("application/json")
+    assert len(result.headers.get("x-request-id", "")) == 16, result.headers
     document = result.json()
     assert set(document) == {"Error"} and isinstance(document["Error"], str) and document["Error"]
     return document["Error"]
@@ -92,7 +94,7 @@ def test_prompt_longer_than_context_window_gets_400(daemon: Daemon) -> None:
 def test_body_over_10_mb_with_content_length_gets_413(daemon: Daemon) -> None:
     body = json.dumps({"prompt": "a" * (10 * MB)}).encode()
     head = (
-        f"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode()
     result = raw_exchange(daemon.port, head, [body[i:i + 65536] for i in range(0, len(body), 65536)])
@@ -100,7 +102,7 @@ def test_body_over_10_mb_with_content_length_gets_413(daemon: Daemon) -> None:
 
 
 def test_chunked_body_over_10_mb_gets_413(daemon: Daemon) -> None:
-    head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    head = b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
     piece = b"a" * 65536
     chunks = [b'{"prompt": "'] + [piece] * (11 * MB // len(piece))
     framed = [f"{len(c):x}\r\n".encode() + c + b"\r\n" for c in chunks] + [b"0\r\n\r\n"]
@@ -122,7 +124,27 @@ def test_other_methods_get_405_with_allow(daemon: Daemon, method: str) -> None:
 
 @pytest.mark.parametrize("method", ["GET", "POST"])
 def test_other_paths_get_404(daemon: Daemon, method: str) -> None:
-    assert_json_error(daemon.request(method, "/v1/chat", b'{"prompt": "x"}' if method == "POST" else None), 404)
+    assert_json_error(daemon.request(method, "/api/chat", b'{"prompt": "x"}' if method == "POST" else None), 404)
+
+
+def test_rejections_carry_the_request_id_of_their_log_line(daemon: Daemon) -> None:
+    """404, 405 and 413 (refused before any route runs) name the request like every answer: the
+    ``X-Request-Id`` is the id on the request's "rejected" line in the log."""
+    big = f"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {11 * MB}\r\n\r\n".encode()
+    chunked = b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    piece = b"%x\r\n%s\r\n" % (65536, b"a" * 65536)
+    answers = [
+        (404, daemon.request("GET", "/nothing")),
+        (405, daemon.request("GET", "/")),
+        (413, raw_exchange(daemon.port, big, [b"a" * 65536])),
+        (413, raw_exchange(daemon.port, chunked, [piece] * (11 * MB // 65536))),
+    ]
+    for status, result in answers:
+        assert result.status == status
+        request_id = result.headers["x-request-id"]
+        daemon.wait_log(f"{request_id} rejected ")
+        (line,) = [line for line in daemon.log_text().splitlines() if f"{request_id} rejected " in line]
+        assert f": {status} " in line
 
 
 @pytest.mark.parametrize("path", ["//", "///"])

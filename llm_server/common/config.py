@@ -9,6 +9,7 @@ file; the substituted values are never logged or written anywhere.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import math
@@ -70,8 +71,11 @@ class Config:
     request_timeout_s: float = 3600.0
     api_key: str | None = field(default=None, repr=False)  # a secret: never logged
     max_tool_result_chars: int = 32_000
-    max_pending_requests: int = 64
+    max_pending_requests: int | None = None  # None: no cap, requests queue
+    allowed_origins: tuple[str, ...] = ()  # browser pages (Origin) let in, with CORS; "*": any
+    allowed_hosts: tuple[str, ...] = ()  # Host names accepted beyond loopback and the bind address
     distributed: DistributedSpec | None = None  # None: one worker process (the default)
+    served_model_name: str = ""  # what /v1/models and every response's "model" say
     config_path: Path = field(default=Path("config.json"), compare=False)
 
 
@@ -148,10 +152,20 @@ def parse_config(raw: dict[str, Any], path: Path, log_filename: Path) -> Config:
         request_timeout_s=check.number("request_timeout_s", 0.0, 7 * 86400.0, True, 3600.0),
         api_key=check.optional_string("api_key"),
         max_tool_result_chars=check.integer("max_tool_result_chars", 100, 100_000_000, default=32_000),
-        max_pending_requests=check.integer("max_pending_requests", 1, 1_000_000, default=64),
+        max_pending_requests=check.optional_integer("max_pending_requests", 1, 1_000_000),
+        allowed_origins=_origins(path, values.get("allowed_origins")),
+        allowed_hosts=_hosts(path, values.get("allowed_hosts")),
         distributed=_distributed(path, values.get("distributed")),
+        served_model_name=check.string("served_model_name", default=_served_name(check.string("model_name"))),
         config_path=path,
     )
+
+
+def _served_name(model_name: str) -> str:
+    """The default name the model is served under: a Hub id as it is, a local folder by its own
+    name (its absolute path is no client's business)."""
+    folder = Path(model_name).expanduser()
+    return folder.resolve().name if folder.exists() else model_name
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -240,6 +254,12 @@ class _Checker:
             return None
         return self.string(key)
 
+    def optional_integer(self, key: str, low: int, high: int) -> int | None:
+        """Absent or null: None; otherwise an integer in range."""
+        if self.values.get(key) is None:
+            return None
+        return self.integer(key, low, high)
+
     def integer(self, key: str, low: int, high: int, *, default: Any = _MISSING) -> int:
         value = self._get(key, default)
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
@@ -265,6 +285,66 @@ class _Checker:
         return float(value)
 
 
+def _string_list(path: Path, key: str, value: Any) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise ConfigError(f"{path}: '{key}' must be a list of non-empty strings")
+    return [v.strip() for v in value]
+
+
+def _origins(path: Path, value: Any) -> tuple[str, ...]:
+    """``allowed_origins``: each ``scheme://host[:port]`` as browsers send it in ``Origin``
+    (lower case, no path), or ``"*"`` for any."""
+    origins = []
+    for item in _string_list(path, "allowed_origins", value):
+        if item == "*":
+            origins.append(item)
+            continue
+        parts = urlsplit(item)
+        if not parts.scheme or not parts.netloc or parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ConfigError(
+                f"{path}: 'allowed_origins' entry {item!r} must be an origin such as \"http://localhost:3000\" "
+                "(scheme, host and port only) or \"*\""
+            )
+        origins.append(f"{parts.scheme}://{parts.netloc}".lower())
+    return tuple(origins)
+
+
+def _hosts(path: Path, value: Any) -> tuple[str, ...]:
+    """``allowed_hosts``: host names (or IPs) without port, as the ``Host`` header may carry
+    them, or ``"*"`` for any."""
+    hosts = []
+    for item in _string_list(path, "allowed_hosts", value):
+        with_port = item.count(":") == 1 or item.startswith("[") != item.endswith("]")
+        if item != "*" and ("/" in item or " " in item or with_port):
+            raise ConfigError(
+                f"{path}: 'allowed_hosts' entry {item!r} must be a host name or IP without scheme or port "
+                "(any port is accepted), or \"*\""
+            )
+        hosts.append(item.lower().strip("[]").rstrip("."))
+    return tuple(hosts)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _hosts_without_ips(where: str, hostfile: Path) -> list[str]:
+    """The ssh names in an ``mlx.launch`` host file (a list of hosts, or ``{"hosts": [...]}``)
+    that come without ``ips``."""
+    try:
+        data = json.loads(hostfile.read_text(encoding="utf-8"))
+        hosts = data["hosts"] if isinstance(data, dict) else data
+        return [str(h.get("ssh")) for h in hosts if not h.get("ips")]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"{where}.hostfile {hostfile}: not a readable mlx.launch host file ({exc})") from None
+
+
 def _distributed(path: Path, value: Any) -> DistributedSpec | None:
     if value is None:
         return None
@@ -288,6 +368,20 @@ def _distributed(path: Path, value: Any) -> DistributedSpec | None:
         hostfile = str(_resolve(path, hostfile))
     if bool(hosts) == (hostfile is not None):
         raise ConfigError(f"{where} needs either 'hosts' or 'hostfile'")
+    # mlx.launch's ring connects the ranks by address; names are not resolved (a host may have
+    # several addresses, and which interface the ring should use is the user's choice).
+    if backend == "ring" and hostfile is not None:
+        names = _hosts_without_ips(where, Path(hostfile))
+        if names:
+            raise ConfigError(
+                f"{where}.hostfile {hostfile}: the ring backend needs IP addresses: give 'ips' for {', '.join(names)}"
+            )
+    names = [h for h in hosts if not _is_ip(h)]
+    if backend == "ring" and names:
+        raise ConfigError(
+            f"{where}.hosts: the ring backend needs IP addresses, not host names ({', '.join(names)}); "
+            "give IPs, or a 'hostfile' with each host's ssh name and its 'ips'"
+        )
     return DistributedSpec(
         mode=mode,
         backend=backend,

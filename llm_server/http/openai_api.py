@@ -23,6 +23,7 @@ _TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    404: "invalid_request_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
     500: "server_error",
@@ -84,6 +85,8 @@ def parse_chat_request(body: bytes, system_prompt: str) -> ChatRequest:
             client_tools=tools,
             use_tools=use_tools,
             stream=stream,
+            verbatim=True,
+            return_unknown_calls=True,
         ),
         include_usage,
     )
@@ -258,8 +261,12 @@ def chunk_body(
     return body
 
 
+def model_body(model: str, created: int) -> dict[str, Any]:
+    return {"id": model, "object": "model", "created": created, "owned_by": "llm-server"}
+
+
 def models_body(model: str, created: int) -> dict[str, Any]:
-    return {"object": "list", "data": [{"id": model, "object": "model", "created": created, "owned_by": "llm-server"}]}
+    return {"object": "list", "data": [model_body(model, created)]}
 
 
 def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:

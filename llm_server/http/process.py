@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import resource
 import socket
 import time
 from multiprocessing.connection import Connection
@@ -43,7 +44,8 @@ from ..common.protocol import (
     Shutdown,
     Stopped,
 )
-from . import routes
+from . import browser, routes
+from .wire import WireProtocol
 
 log = logging.getLogger("llm_server.http")
 
@@ -53,6 +55,7 @@ DRAIN_QUIET_S = 0.2  # at shutdown, no new request for this long means every sen
 DRAIN_SETTLE_MAX_S = 2.0  # ... but stop accepting after this long regardless
 RESTARTING = "the model worker is restarting; retry shortly"
 FULL = "too many requests pending (max_pending_requests); retry shortly"
+RESPONSE_TIMEOUT_SLACK_S = 10.0  # Sanic's own timeout only backs up ours (request_timeout_s, routes)
 
 
 def run_http(
@@ -65,11 +68,13 @@ def run_http(
 ) -> None:
     """Entry point of the spawned HTTP child."""
     prepare_child("http", log_queue, config.log_level, output)
+    _raise_open_files_limit()
     gateway = Gateway(worker_conn, control_conn, sock, config.max_pending_requests)
     app = build_app(config, gateway)
     app.run(
         sock=sock,
         backlog=BACKLOG,
+        protocol=WireProtocol,  # request heads checked first: malformed ones get 400, not silence
         single_process=True,
         register_sys_signals=False,
         motd=False,
@@ -95,7 +100,7 @@ class Gateway:
     """
 
     def __init__(
-        self, worker_conn: Connection, control_conn: Connection, sock: socket.socket, max_pending: int
+        self, worker_conn: Connection, control_conn: Connection, sock: socket.socket, max_pending: int | None
     ) -> None:
         self.max_pending = max_pending
         self._first_link: Connection | None = worker_conn
@@ -135,12 +140,13 @@ class Gateway:
         self, request_id: str, messages: list[dict[str, Any]], options: Options
     ) -> AsyncIterator[Delta | Reply | Failure]:
         """Forward one conversation; yield what comes back for it, ending with its ``Reply`` or
-        ``Failure``. Left early (the client went away), it tells the worker to stop."""
+        ``Failure``. Left early (the client went away, or request_timeout_s passed: ``routes``), it
+        tells the worker to stop."""
         channel = self.worker
         if channel is None or channel.closed:
             yield Failure(request_id, FailureCategory.UNAVAILABLE, RESTARTING)
             return
-        if len(self.pending) >= self.max_pending:  # push back rather than queue without bound
+        if self.max_pending is not None and len(self.pending) >= self.max_pending:  # opt-in push-back
             log.warning("%d requests pending (max_pending_requests): answering 503", len(self.pending))
             yield Failure(request_id, FailureCategory.UNAVAILABLE, FULL)
             return
@@ -224,9 +230,10 @@ def build_app(config: Config, gateway: Gateway) -> Sanic:
     object on ``/v1``)."""
     app = Sanic("llm_server", configure_logging=False, dumps=_dumps)
     app.config.REQUEST_MAX_SIZE = MAX_BODY_BYTES
-    # A stuck worker is the supervisor's to detect (worker_stall_timeout_s); this is the client's
-    # own bound on one request, answered 503 when it passes (and the generation is cancelled).
-    app.config.RESPONSE_TIMEOUT = config.request_timeout_s
+    # A stuck worker is the supervisor's to detect (worker_stall_timeout_s); the client's own bound
+    # on one request, request_timeout_s, is the routes' (Sanic's restarts at every write, so it
+    # cannot end a stream): Sanic's is only a backstop behind it.
+    app.config.RESPONSE_TIMEOUT = config.request_timeout_s + RESPONSE_TIMEOUT_SLACK_S
     app.config.GRACEFUL_SHUTDOWN_TIMEOUT = config.shutdown_timeout_s
     app.config.MOTD = False
 
@@ -251,23 +258,44 @@ def build_app(config: Config, gateway: Gateway) -> Sanic:
             request.stream.keep_alive = False
             gateway.answered_while_draining += 1
 
+    browser.register(app, config)
     routes.register(app, config, gateway)
 
     @app.exception(SanicException)
     async def _sanic_error(request: Request, exc: SanicException) -> HTTPResponse:
+        request_id = routes.name_request(request)  # first seen here when routing or the size check failed
         log.info("rejected %s %s: %d %s", request.method, request.path, exc.status_code, exc)
-        response = routes.error_response(request, None, exc.status_code, str(exc))
+        response = routes.error_response(request, request_id, exc.status_code, str(exc))
         response.headers.update(exc.headers or {})
         return response
 
     @app.exception(Exception)
     async def _unexpected(request: Request, exc: Exception) -> HTTPResponse:
+        request_id = routes.name_request(request)
         log.exception("unexpected error while handling %s %s", request.method, request.path)
-        return routes.error_response(request, None, 500, "internal server error")
+        return routes.error_response(request, request_id, 500, "internal server error")
 
     return app
 
 
+def _raise_open_files_limit() -> None:
+    """Each client holds a socket: lift the soft limit on open files towards the hard one (macOS
+    starts processes at 256, many Linux systems at 1024; requests queue, so thousands may wait)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    ceiling = 65536 if hard == resource.RLIM_INFINITY else hard
+    for wanted in (ceiling, 10240):  # macOS refuses more than kern.maxfilesperproc (10240: OPEN_MAX)
+        if soft == resource.RLIM_INFINITY or soft >= wanted:
+            return
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError):
+            continue
+        log.debug("open files limit raised from %d to %d", soft, wanted)
+        return
+
+
 def _dumps(value: Any, **kwargs: Any) -> str:
-    """Standard-library JSON (ujson mishandles some Unicode edge cases)."""
-    return json.dumps(value, ensure_ascii=False, **kwargs)
+    """Standard-library JSON (ujson mishandles some Unicode edge cases). A lone surrogate (what
+    Sanic makes of a header's undecodable byte, which an error message may quote) is written as
+    its ``\\u`` escape: as a raw character it cannot be encoded, and the answer would be a 500."""
+    return json.dumps(value, ensure_ascii=False, **kwargs).encode("utf-8", "backslashreplace").decode("utf-8")

@@ -10,14 +10,16 @@ cancels the handler, and with it the generation (the ``Gateway`` sends ``Cancel`
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import hmac
 import json
 import logging
 import time
 import uuid
 from importlib import resources
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
 
 from sanic import Request, Sanic
 from sanic.exceptions import NotFound
@@ -37,16 +39,25 @@ log = logging.getLogger("llm_server.http")
 
 RETRY_AFTER_S = "1"
 SHUTTING_DOWN = "the server is shutting down; retry shortly"
+STREAM_END_S = 5.0  # how long the last event of a timed-out stream may take to write
 OPENAPI = json.loads(resources.files(__package__).joinpath("openapi.json").read_text(encoding="utf-8"))
 
 
-OPENAI_PATHS = ("/v1/chat/completions", "/v1/models")
-
-
 def is_openai(request: Request) -> bool:
-    """Whether errors take the OpenAI error object: on the ``/v1`` endpoints themselves. A path
-    that is no endpoint is a 404 ``{"Error"}``, as the contract has it for any other path."""
-    return request.path in OPENAI_PATHS
+    """Whether errors take the OpenAI error object: anywhere under ``/v1/`` (an OpenAI client
+    reads only that shape, a 404 or 405 included)."""
+    return request.path == "/v1" or request.path.startswith("/v1/")
+
+
+def name_request(request: Request) -> str:
+    """The request's id, made where the request is first seen (the request middleware, or the
+    error handler for what fails before it: 404, 405, 413) and kept in ``request.ctx``, so its
+    log lines and its ``X-Request-Id`` agree."""
+    found = getattr(request.ctx, "request_id", None)
+    if found is None:
+        found = request.ctx.request_id = uuid.uuid4().hex[:16]
+    current_request.set(found)
+    return found
 
 
 def error_response(request: Request, request_id: str | None, status: int, message: str, param: str | None = None,
@@ -87,24 +98,30 @@ def register(app: Sanic, config: Config, gateway: Gateway) -> None:
 
     def begin(request: Request) -> tuple[str, float, HTTPResponse | None]:
         """Name and log the request; answer it at once if it is not authorised or we are draining."""
-        request_id = uuid.uuid4().hex[:16]
-        current_request.set(request_id)
+        rid = name_request(request)
         started = gateway.last_request = time.monotonic()
         log.info("request from %s, %d bytes: %s %s", request.remote_addr or request.ip, len(request.body),
                  request.method, request.path)  # fmt: skip
         if config.api_key is not None and not _authorised(request, config.api_key):
             return (
-                request_id,
+                rid,
                 started,
                 error_response(
-                    request, request_id, 401, "missing or wrong API key (Authorization: Bearer <key>)", started=started
+                    request, rid, 401, "missing or wrong API key (Authorization: Bearer <key>)", started=started
                 ),
             )
         if gateway.draining:  # came in after the drain began: not taken, answered at once
-            return request_id, started, error_response(request, request_id, 503, SHUTTING_DOWN, started=started)
-        return request_id, started, None
+            return rid, started, error_response(request, rid, 503, SHUTTING_DOWN, started=started)
+        return rid, started, None
+
+    @app.on_request
+    async def _name(request: Request) -> None:
+        name_request(request)
+
+    within_deadline = _deadline(config.request_timeout_s)
 
     @app.post("/")
+    @within_deadline
     async def prompt(request: Request) -> HTTPResponse | None:
         if request.path != "/":  # Sanic's router also matches "//" here; the contract names "/" only
             raise NotFound(f"Requested URL {request.path} not found")
@@ -143,6 +160,7 @@ def register(app: Sanic, config: Config, gateway: Gateway) -> None:
         return None
 
     @app.post("/v1/chat/completions")
+    @within_deadline
     async def chat_completions(request: Request) -> HTTPResponse | None:
         request_id, started, early = begin(request)
         if early is not None:
@@ -152,7 +170,7 @@ def register(app: Sanic, config: Config, gateway: Gateway) -> None:
         except BadRequest as exc:
             return error_response(request, request_id, 400, str(exc), exc.param, started)
         completion_id = f"chatcmpl-{request_id}"
-        model = config.model_name
+        model = config.served_model_name
         async with contextlib.aclosing(gateway.ask(request_id, chat.messages, chat.options)) as replies:
             first = await anext(replies)
             if isinstance(first, Failure):
@@ -195,11 +213,66 @@ def register(app: Sanic, config: Config, gateway: Gateway) -> None:
         if early is not None:
             return early
         log_response(200, started, "models")
-        return json_response(openai_api.models_body(config.model_name, created), headers={"X-Request-Id": request_id})
+        body = openai_api.models_body(config.served_model_name, created)
+        return json_response(body, headers={"X-Request-Id": request_id})
+
+    @app.get("/v1/models/<model_id:path>")
+    async def model_info(request: Request, model_id: str) -> HTTPResponse:
+        request_id, started, early = begin(request)
+        if early is not None:
+            return early
+        if model_id != config.served_model_name:
+            return error_response(request, request_id, 404, f"the model {model_id!r} does not exist", "model",
+                                  started)  # fmt: skip
+        log_response(200, started, "model")
+        body = openai_api.model_body(config.served_model_name, created)
+        return json_response(body, headers={"X-Request-Id": request_id})
 
     @app.get("/openapi.json")
     async def openapi(request: Request) -> HTTPResponse:
         return json_response(OPENAPI)
+
+
+Handler = Callable[[Request], Awaitable[HTTPResponse | None]]
+
+
+def _deadline(timeout_s: float) -> Callable[[Handler], Handler]:
+    """End a generation route's handler ``timeout_s`` after it began, streaming or not (Sanic's
+    response timeout restarts at every write, so a trickling stream would never end): leaving
+    the handler closes the ``Gateway`` conversation, which cancels the generation; the client
+    gets 503 or, once its stream has begun, the dialect's error event as the last one."""
+
+    def wrap(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        async def bounded(request: Request) -> HTTPResponse | None:
+            started = time.monotonic()
+            deadline = asyncio.timeout(timeout_s)
+            try:
+                async with deadline:
+                    return await handler(request)
+            except TimeoutError:
+                if not deadline.expired():
+                    raise  # not ours
+            message = f"the request took longer than request_timeout_s ({timeout_s:g} s)"
+            log.warning("%s: its generation is cancelled", message)
+            request_id = name_request(request)
+            stream = request.stream.response if request.stream is not None else None
+            if stream is None:
+                return error_response(request, request_id, 503, message, started=started)
+            log_response(200, started, f"stream failed: {message!r}")
+            if is_openai(request):  # as any failure after the stream began
+                last = sse(openai_api.error_body(503, message)) + "data: [DONE]\n\n"
+            else:
+                last = sse({"Error": message})
+            with contextlib.suppress(TimeoutError, OSError):  # a client that reads nothing gets nothing
+                async with asyncio.timeout(STREAM_END_S):
+                    await stream.send(last)
+                    await stream.eof()
+            return None
+
+        return bounded
+
+    return wrap
 
 
 def _authorised(request: Request, key: str) -> bool:

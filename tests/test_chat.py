@@ -42,6 +42,29 @@ def test_malformed_call_is_reported_and_never_shown(tokenizer: Any) -> None:
     assert parsed.content == "Answer:  done"
 
 
+def test_malformed_call_is_kept_as_text_when_asked(tokenizer: Any) -> None:
+    """The OpenAI endpoints return markup that does not parse as the assistant's text, in place,
+    streamed or not; a call cut off by the length limit has no end marker to show."""
+    text = "Answer: <tool_call>\n{not json\n</tool_call> done"
+    reader = TextReader(tokenizer, [ADD_TOOL], keep_malformed=True)
+    shown = reader.feed(text) + reader.finish("stop")
+    assert shown == reader.content == text and reader.calls == [] and reader.malformed == ["{not json"]
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    one_by_one = RoundReader(tokenizer, [], [ADD_TOOL], keep_malformed=True)
+    pieces = [one_by_one.add([token]) for token in ids] + [one_by_one.close("stop")]
+    assert "".join(pieces) == text
+    cut = TextReader(tokenizer, [ADD_TOOL], keep_malformed=True)
+    assert cut.feed('<tool_call>\n{"name": "add", "argu') + cut.finish("length") == '<tool_call>\n{"name": "add", "argu'
+
+
+def test_verbatim_text_keeps_every_space() -> None:
+    visible = VisibleText(verbatim=True)
+    assert visible.push("  ") == "  " and visible.push(" Hi ") == " Hi "
+    visible.new_round()
+    assert visible.push("\nthere") == "\nthere"
+    assert visible.text == "   Hi \nthere"
+
+
 def test_markup_is_stripped_even_when_no_tools_were_offered(tokenizer: Any) -> None:
     """After the round limit the model answers without tools; stray calls must not leak."""
     parsed = parse_output(tokenizer, f"{CALL}\nThe sum is 5.", None)
@@ -107,3 +130,13 @@ def test_error_results_say_so_to_the_model() -> None:
 
 def test_no_system_turn_for_an_empty_system_prompt() -> None:
     assert prompt_messages("", "hi") == [{"role": "user", "content": "hi"}]
+
+
+def test_a_leading_space_survives_the_detokenizer(tokenizer: Any) -> None:
+    """mlx-lm's BPE streaming detokenizer trims a generation's first space; the reader keeps it."""
+    text = "   Hi there"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    reader = RoundReader(tokenizer, [], None)
+    assert "".join(reader.add([token]) for token in ids) + reader.close("length") == text
+    once = RoundReader(tokenizer, [], None)
+    assert once.add(ids) + once.close("length") == text

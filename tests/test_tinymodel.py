@@ -169,7 +169,10 @@ def test_cache_reuses_a_built_model(tmp_path: Path, trained_dir: Path) -> None:
     "conv",
     [
         tm.Conversation([SYSTEM, {"role": "user", "content": "hi"}]),
-        tm.Conversation([{"role": "user", "content": "hi"}, {"role": "assistant", "content": " hi "}]),
+        # An unstripped assistant turn before the last one (only a final answer is returned verbatim
+        # and may be any text).
+        tm.Conversation([{"role": "user", "content": "hi"}, {"role": "assistant", "content": " hi "},
+                         {"role": "user", "content": "again"}, {"role": "assistant", "content": "hi"}]),
     ],
 )
 def test_training_rejects_transcripts_the_daemon_cannot_produce(tmp_path: Path, conv: tm.Conversation) -> None:

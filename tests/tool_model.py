@@ -34,6 +34,13 @@ MAX_TOOL_ROUNDS = 2
 FILE_TEXT = "The launch code is 4242.\n"
 # More than the tiny model's 16384-token context window holds, in any tokenization.
 BIG_REPORT_CHARS = 200_000
+UNKNOWN_TOOL_PROMPT = "What is 2 times 3?"  # the model calls 'multiply', a tool nobody offers
+BAD_MARKUP_PROMPT = "Add two and three."  # the model writes a tool call that does not parse
+BAD_MARKUP = '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}\n</tool_call>'  # a brace short
+BLANK_PROMPT = "Say nothing."
+BLANK_ANSWER = "   "  # an answer of whitespace only
+INDENTED_PROMPT = "Indent your greeting."
+INDENTED_ANSWER = "  Hello!"  # leading whitespace
 
 
 def filesystem_server_binary() -> str:
@@ -96,6 +103,11 @@ CALC_TURNS = (
         "The report is too large for me to read.",
         overflow=True,
     ),
+    # 'multiply' is offered by nobody: POST / tells the model so (it answers), /v1 hands the call back.
+    Turn(UNKNOWN_TOOL_PROMPT, (("multiply", {"a": 2, "b": 3}),), "2 times 3 is 6."),
+    Turn(BAD_MARKUP_PROMPT, (), BAD_MARKUP),
+    Turn(BLANK_PROMPT, (), BLANK_ANSWER),
+    Turn(INDENTED_PROMPT, (), INDENTED_ANSWER),
 )
 TIME_TURNS = (
     Turn(

@@ -54,6 +54,8 @@ class Options:
     client_tools: tuple[dict[str, Any], ...] = ()  # OpenAI function specs the client runs itself
     use_tools: bool = True  # False (tool_choice "none"): no tools offered at all
     stream: bool = False  # send ``Delta`` pieces before the ``Reply``
+    verbatim: bool = False  # the answer as the model wrote it (whitespace, tool markup that does not parse)
+    return_unknown_calls: bool = False  # a call no MCP server runs goes to the client as a tool call
 
 
 @dataclass(frozen=True)
@@ -81,12 +83,12 @@ class Cancel:
 class GenerationStats:
     """Counters reported with a reply, for the response log line."""
 
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # summed over the rounds: every round's prompt was processed
     completion_tokens: int = 0
     tool_calls: int = 0
     rounds: int = 0
     seconds: float = 0.0
-    cached_tokens: int = 0  # prompt tokens, over all rounds, taken from the prompt cache
+    cached_tokens: int = 0  # of those, taken from the prompt cache (never more than prompt_tokens)
 
 
 @dataclass(frozen=True)

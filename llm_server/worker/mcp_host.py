@@ -22,7 +22,6 @@ config order, then each server's own order.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import json
 import logging
@@ -117,10 +116,15 @@ class MCPHost:
             self._tasks.append(task)
         if self._runners:
             # Each runner settles within its startup timeout; the margin covers a spawn that blocks.
-            waits = [runner.settled.wait() for runner in self._runners]
-            with contextlib.suppress(TimeoutError):
-                longest = max(runner.settings.startup_timeout_s for runner in self._runners)
-                await asyncio.wait_for(asyncio.gather(*waits), longest + 5.0)
+            # Not wait_for(gather(...)): cancelled (a stop during start-up), that leaves a gather
+            # whose CancelledError nobody retrieves, and asyncio logs it.
+            waits = [asyncio.ensure_future(runner.settled.wait()) for runner in self._runners]
+            longest = max(runner.settings.startup_timeout_s for runner in self._runners)
+            try:
+                await asyncio.wait(waits, timeout=longest + 5.0)
+            finally:
+                for waiter in waits:
+                    waiter.cancel()
         up = [r.name for r in self._runners if r.state is ServerState.UP]
         logger.info(
             "MCP host ready: %d of %d servers up (%s), %d tools",
@@ -171,6 +175,10 @@ class MCPHost:
     def status(self) -> dict[str, ServerStatus]:
         """Per-server state, in config order."""
         return {runner.name: runner.status() for runner in self._runners}
+
+    def runs(self, name: str) -> bool:
+        """Whether ``name`` is a tool of an MCP server (up or down), so a call to it is ours to run."""
+        return self._resolve(name) is not None
 
     async def call_tool(self, name: str, arguments: Mapping[str, Any] | None) -> ToolResult:
         """Call a tool once; any failure comes back as an ``is_error`` result, never raised."""

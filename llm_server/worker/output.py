@@ -10,7 +10,9 @@ code, so a streamed answer is the non-streamed answer in pieces.
 
 ``VisibleText`` assembles what the client sees from the rounds of one request: each round's
 normal text with its outer whitespace trimmed, rounds separated by a blank line, handed out as
-soon as it is certain (trailing whitespace waits until more text follows it).
+soon as it is certain (trailing whitespace waits until more text follows it); or, ``verbatim``
+(the OpenAI endpoints), every round's text exactly as the model wrote it, one after the other.
+A tool call that does not parse is dropped, or with ``keep_malformed`` shown as the text it was.
 """
 
 from __future__ import annotations
@@ -74,9 +76,11 @@ class TextReader:
 
     def __init__(
         self, tokenizer: Any, tools: Sequence[dict[str, Any]] | None, start: str = "normal",
-        stop_words: Sequence[str] = (),
+        stop_words: Sequence[str] = (), keep_malformed: bool = False,
     ) -> None:  # fmt: skip
         self._parser = tokenizer.tool_parser if getattr(tokenizer, "has_tool_calling", False) else None
+        self._markers = (getattr(tokenizer, "tool_call_start", "") or "", getattr(tokenizer, "tool_call_end", "") or "")
+        self._keep_malformed = keep_malformed
         self._tools = list(tools or [])
         self._state = _machine(tokenizer, tuple(stop_words)).make_state(start)
         self._in = start
@@ -114,14 +118,14 @@ class TextReader:
             self._state, current = TextStateMachine.discard(self._state)
             visible = ""
         if self._in == "tool":
-            self._close_call()
+            visible += self._close_call(ended=False)
         return visible
 
     def _route(self, segments: Iterable[tuple[str | None, str]]) -> str:
         visible = []
         for state, text in segments:
             if self._in == "tool" and state != "tool":
-                self._close_call()
+                visible.append(self._close_call(ended=state is not None))
             if state == "normal":
                 visible.append(text)
                 self._shown.append(text)
@@ -130,21 +134,32 @@ class TextReader:
             self._in = state or self._in
         return "".join(visible)
 
-    def _close_call(self) -> None:
+    def _close_call(self, ended: bool) -> str:
+        """Parse the call just read (``ended``: its end marker was seen); the text to show for
+        it: none, or the markup itself when it does not parse and ``keep_malformed`` says so."""
         body, self._tool_text = self._tool_text, ""
         if self._parser is None or not body.strip():
-            return
+            return ""
+        calls: list[ToolCall] = []
         try:
             parsed = self._parser(body, self._tools)
         except Exception:  # noqa: BLE001 - any parser failure means "not a usable call"
-            self.malformed.append(body.strip())
-            return
+            parsed = None
         for item in parsed if isinstance(parsed, list) else [parsed]:
             call = _as_call(item)
             if call is None:
-                self.malformed.append(body.strip())
-            else:
-                self.calls.append(call)
+                calls = []
+                break
+            calls.append(call)
+        if calls:
+            self.calls += calls
+            return ""
+        self.malformed.append(body.strip())
+        if not self._keep_malformed:
+            return ""
+        markup = self._markers[0] + body + (self._markers[1] if ended else "")
+        self._shown.append(markup)
+        return markup
 
 
 class RoundReader(TextReader):
@@ -152,29 +167,44 @@ class RoundReader(TextReader):
 
     def __init__(
         self, tokenizer: Any, prompt: Sequence[int], tools: Sequence[dict[str, Any]] | None,
-        stop_words: Sequence[str] = (),
+        stop_words: Sequence[str] = (), keep_malformed: bool = False,
     ) -> None:  # fmt: skip
-        super().__init__(tokenizer, tools, initial_state(tokenizer, prompt), stop_words)
+        super().__init__(tokenizer, tools, initial_state(tokenizer, prompt), stop_words, keep_malformed)
+        self._tokenizer = tokenizer
         self._detokenizer = tokenizer.detokenizer
+        self._first = True
 
     def add(self, tokens: Iterable[int]) -> str:
         for token in tokens:
             self._detokenizer.add_token(token)
-        return self.feed(self._detokenizer.last_segment)
+        return self.feed(self._untrimmed(self._detokenizer.last_segment))
 
     def close(self, finish_reason: str) -> str:
         self._detokenizer.finalize()
-        return self.feed(self._detokenizer.last_segment) + self.finish(finish_reason)
+        return self.feed(self._untrimmed(self._detokenizer.last_segment)) + self.finish(finish_reason)
+
+    def _untrimmed(self, segment: str) -> str:
+        """mlx-lm's BPE streaming detokenizer drops the first space of a generation (a habit of
+        SentencePiece models, where that space is no text); the first piece gets it back when
+        the tokenizer's own ``decode`` says the model wrote it."""
+        if not self._first or not segment:
+            return segment
+        self._first = False
+        detokenizer = self._detokenizer
+        if self._tokenizer.decode(detokenizer.tokens) == " " + detokenizer.text:
+            return " " + segment
+        return segment
 
 
 class VisibleText:
     """What the client sees of one request's rounds, released as soon as it is certain.
 
-    The whole, once ``close``d, is each round's text stripped, non-empty rounds joined by a blank
-    line; ``push`` hands out the same text in pieces.
+    The whole is each round's text stripped, non-empty rounds joined by a blank line (or, when
+    ``verbatim``, every piece as it came); ``push`` hands out the same text in pieces.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, verbatim: bool = False) -> None:
+        self._verbatim = verbatim
         self._parts: list[str] = []
         self._held = ""  # trailing whitespace: shown only if more text follows in this round
         self._round_open = False  # this round has shown text
@@ -185,6 +215,10 @@ class VisibleText:
         self._round_open = False
 
     def push(self, text: str) -> str:
+        if self._verbatim:
+            if text:
+                self._parts.append(text)
+            return text
         if not self._round_open:
             text = text.lstrip()
             if not text:

@@ -7,8 +7,10 @@ detokenizer and text state machine (``output``), call each MCP tool once (never 
 have side effects), append the results as ``tool`` messages, and repeat until the model answers
 in plain text or the round limit is reached, after which it answers without tools. A call to one
 of the client's tools ends the turn instead: the calls go back to the client to run
-(``finish_reason`` ``tool_calls``). When the client streams, each round's visible text is handed
-out as it is decoded; reasoning and tool-call markup never are.
+(``finish_reason`` ``tool_calls``), as does, where the client can take one (OpenAI), a call of a
+tool nobody offered. When the client streams, each round's visible text is handed out as it is
+decoded; reasoning and tool-call markup never are (except markup that does not parse, which the
+OpenAI endpoints show as text). Usage counts every round: its prompt and its completion.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ class ToolHost(Protocol):
 
     def tools(self) -> list[dict[str, Any]]: ...
 
+    def runs(self, name: str) -> bool: ...
+
     async def call_tool(self, name: str, arguments: dict[str, Any]) -> ToolResultLike: ...
 
 
@@ -96,7 +100,7 @@ class ToolLoop:
         client_tools = list(options.client_tools) if options.use_tools else []
         client_names = {tool["function"]["name"] for tool in client_tools}
         sampling = self._sampling(options)
-        visible = VisibleText()
+        visible = VisibleText(options.verbatim)
         rounds = calls_made = completion_tokens = 0
         prompt_tokens = cached_tokens = 0
         overflowed = False
@@ -123,15 +127,15 @@ class ToolLoop:
                 )
                 withdraw_tool_results(messages)
                 continue
-            if rounds == 0:
-                prompt_tokens = len(ids)
-            reader = RoundReader(tokenizer, ids, tools, options.stop)
+            prompt_tokens += len(ids)  # every round's prompt is paid for (its cached part included)
+            reader = RoundReader(tokenizer, ids, tools, options.stop, keep_malformed=options.verbatim)
             visible.new_round()
             completion = await self._generate(ids, budget, sampling, options, reader, visible, on_text)
             completion_tokens += completion.completion_tokens
             cached_tokens += completion.cached_tokens
             for body in reader.malformed:
-                log.warning("model emitted a tool call that does not parse: %.200s", body)
+                shown = " (returned as text)" if options.verbatim else ""
+                log.warning("model emitted a tool call that does not parse%s: %.200s", shown, body)
 
             def stats() -> GenerationStats:
                 return GenerationStats(
@@ -140,11 +144,19 @@ class ToolLoop:
 
             if not reader.calls or tools is None:
                 return Answer(visible.text, stats(), "length" if completion.finish_reason == "length" else "stop")
-            for_client = [call for call in reader.calls if call.name in client_names]
+            # A call the daemon cannot run goes to the client when it can be handed one (OpenAI):
+            # never answered behind its back. (POST / has no such turn: the model is told.)
+            unknown = {c.name for c in reader.calls if c.name not in client_names and not self.host.runs(c.name)}
+            if not options.return_unknown_calls:
+                unknown = set()
+            for_client = [call for call in reader.calls if call.name in client_names or call.name in unknown]
             if for_client:
                 # The client runs these; server tools called in the same round are not run (the
                 # client could not be shown their results: nothing is kept between requests).
                 calls = tuple(ClientToolCall(c.id, c.name, json.dumps(c.arguments)) for c in for_client)
+                if unknown:
+                    log.warning("the model called %s, offered by no MCP server nor the client: returned to the client",
+                                ", ".join(repr(name) for name in sorted(unknown)))  # fmt: skip
                 log.info("returning %d call(s) of the client's tools", len(calls))
                 return Answer(visible.text, stats(), "tool_calls", calls)
             rounds += 1

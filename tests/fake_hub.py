@@ -23,6 +23,7 @@ class FakeHub:
         self.files = sorted(p.name for p in folder.iterdir() if p.is_file())
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.sending = threading.Event()  # set once a file's bytes start to go out
 
     @property
     def endpoint(self) -> str:
@@ -79,6 +80,8 @@ class FakeHub:
                 self.end_headers()
                 if not body:
                     return
+                if kind == "application/octet-stream":
+                    hub.sending.set()
                 for start in range(0, len(data), 65536):
                     self.wfile.write(data[start : start + 65536])
                     if hub.chunk_delay_s:

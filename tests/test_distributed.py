@@ -2,8 +2,8 @@
 
 Rank 0 shares each turn's submissions with rank 1, both run the same steps on their shard, and
 the tokens must be exactly those of one process: alone, batched, handed over from alone to the
-batch, after a cancellation, with a stop word. (The daemon does not start groups yet: this is the
-engine's part of serving across machines.)
+batch, after a cancellation, with a stop word. This is the engine's part of serving across
+machines; the daemon's is in ``test_distributed_e2e.py`` and ``test_distributed_ssh.py``.
 """
 
 from __future__ import annotations

@@ -41,14 +41,9 @@ def rank_pids(daemon: Daemon) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def sharded(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return with_weight_index(tiny_model, tmp_path_factory.mktemp("sharded") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def reference(sharded: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def reference(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """One process's greedy answers."""
-    daemon = Daemon(tmp_path_factory.mktemp("one"), base_config(sharded, free_port(), max_tokens=30))
+    daemon = Daemon(tmp_path_factory.mktemp("one"), base_config(tiny_model, free_port(), max_tokens=30))
     try:
         daemon.start().wait_serving()
         answers = {p: daemon.ask(p).json()["response"] for p in PROMPTS}
@@ -59,11 +54,14 @@ def reference(sharded: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
 
 
 @pytest.mark.parametrize("mode", ["pipeline", "tensor"])
-def test_two_ranks_answer_as_one_process(make_daemon: Callable[..., Daemon], sharded: Path,
+def test_two_ranks_answer_as_one_process(make_daemon: Callable[..., Daemon], tiny_model: Path,
                                           reference: dict[str, str], mode: str) -> None:  # fmt: skip
-    """Scenario: two ranks, each with its shard; alone and four at once (one batch), the greedy
-    answers are one process's; SIGTERM stops every rank, exit 0."""
-    daemon = make_daemon(base_config(sharded, free_port(), max_tokens=30, distributed=group(mode)))
+    """Scenario: two ranks, each with its shard of the tiny model as it is (one weights file and
+    no weight index, which pipeline mode derives); alone and four at once (one batch), the
+    greedy answers are one process's; SIGTERM stops every rank, exit 0, and the model folder is
+    left as it was."""
+    before = sorted(p.name for p in tiny_model.iterdir())
+    daemon = make_daemon(base_config(tiny_model, free_port(), max_tokens=30, distributed=group(mode)))
     daemon.start().wait_serving(180)
     assert len(rank_pids(daemon)) == 2
     assert daemon.post_json(PIRATE).json()["response"] == reference["pirate"]
@@ -78,13 +76,14 @@ def test_two_ranks_answer_as_one_process(make_daemon: Callable[..., Daemon], sha
     daemon.signal()
     assert daemon.wait_exit(120) == 0
     assert not any(os.path.exists(f"/proc/{pid}") for pid in ranks)
+    assert sorted(p.name for p in tiny_model.iterdir()) == before
 
 
-def test_a_rank_dying_mid_generation(make_daemon: Callable[..., Daemon], sharded: Path) -> None:
+def test_a_rank_dying_mid_generation(make_daemon: Callable[..., Daemon], tiny_model: Path) -> None:
     """Scenario (pipeline mode, a generation of 100,000 tokens in flight): rank 1 is killed; the
     launcher stops the group, the request gets a 500, the group is started again (new ranks),
     the HTTP process answers 503 meanwhile, and the next request succeeds."""
-    daemon = make_daemon(base_config(sharded, free_port(), max_tokens=30, distributed=group("pipeline")))
+    daemon = make_daemon(base_config(tiny_model, free_port(), max_tokens=30, distributed=group("pipeline")))
     daemon.start().wait_serving(180)
     long_story: list[object] = []
     thread = threading.Thread(
@@ -106,8 +105,9 @@ def test_a_rank_dying_mid_generation(make_daemon: Callable[..., Daemon], sharded
 
 
 def test_tool_call_through_the_group(make_daemon: Callable[..., Daemon], tool_model: Path, tmp_path: Path) -> None:
-    """The tiny model trained to call the calc server's tools, pipeline mode: "What is 2 + 3?"
-    goes through a tool call and is answered as on one machine."""
+    """The tiny model trained to call the calc server's tools, pipeline mode, from a folder with
+    a weight index (as the Hub's sharded models have): "What is 2 + 3?" goes through a tool call
+    and is answered as on one machine."""
     model = with_weight_index(tool_model, tmp_path / "tool-model")
     config = base_config(
         model, free_port(), servers=calc_servers(), system_prompt=SYSTEM_PROMPT, max_tokens=200,

@@ -176,3 +176,30 @@ def test_death_of_the_mlx_thread_fails_everything_at_once(tiny_model: Path, monk
     later = engine.submit(prompts[0], 5)
     assert later.done() and isinstance(later.exception(), EngineDead)
     engine.stop(10)
+
+
+def test_idle_time_before_a_submit_is_no_stall(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scenario:
+    1. an engine idles 3 s after a first generation (``stalled_for`` 0 while idle);
+    2. a request is submitted, and the idle thread takes a moment (1 s, the test-only
+       ``slow-wake`` hook) to pick it up: ``stalled_for`` counts from the submit, never the
+       idle time (before, it said 3 s and more: a lowered ``worker_stall_timeout_s`` killed
+       a healthy worker);
+    3. the request completes.
+    """
+    monkeypatch.setenv("LLM_SERVER_FAULT", "slow-wake")
+    engine = Engine(str(tiny_model), GREEDY, 8, 0)
+    engine.start().result(120)
+    try:
+        assert len(result(engine.submit(ids(engine, PROMPTS[0]), 10)).tokens) == 10
+        time.sleep(3.0)
+        assert engine.stalled_for() == 0.0
+        future = engine.submit(ids(engine, PROMPTS[1]), 10)
+        readings = []
+        while not future.done():
+            readings.append(engine.stalled_for())
+            time.sleep(0.05)
+        assert len(result(future).tokens) == 10
+        assert readings and max(readings) < 2.5, readings
+    finally:
+        engine.stop(30)

@@ -96,7 +96,7 @@ def test_drain_of_400_loses_nothing(make_daemon: Callable[..., Daemon]) -> None:
         body = json.dumps({"prompt": f"request {i}"}).encode()
         try:
             with socket.create_connection(("127.0.0.1", daemon.port), timeout=120) as sock:
-                sock.sendall(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                sock.sendall(b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
                 sent.release()
                 answers[i] = parse_response(read_answer(sock))
         except Exception as exc:  # noqa: BLE001 - a reset (or no answer) is what this test counts

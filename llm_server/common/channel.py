@@ -5,7 +5,10 @@ them restarts), and each hears from the supervisor over its control pipe. Readin
 loop with ``add_reader`` is tempting but breaks large messages (uvloop leaves the fd
 non-blocking, so a multi-megabyte prompt fails half-sent), so the channel owns two threads
 instead: a reader that hands every message to the loop with ``call_soon_threadsafe``, and a
-single sender thread that keeps sends ordered and off the loop.
+single sender thread that keeps sends ordered and off the loop. That thread alone writes to the
+pipe, and it is also the one that closes it, after the send in progress: a descriptor closed under
+a send would fail it half-way, or hand its bytes to whatever file next gets the number. Closing
+never raises to a sender: ``send`` says False, ``send_soon`` drops the message.
 """
 
 from __future__ import annotations
@@ -57,10 +60,13 @@ class PipeChannel:
 
     def _mark_closed(self) -> None:
         # A pipe is replaced when the process at its other end restarts: this one's threads and
-        # descriptor go now, so restarts leave nothing behind.
+        # descriptor go now, so restarts leave nothing behind (sends still queued find it closed).
         self.closed = True
+        try:
+            self._sender.submit(self._conn.close)
+        except RuntimeError:  # the interpreter is exiting: no thread sends any more
+            self._conn.close()
         self._sender.shutdown(wait=False)
-        self._conn.close()
         self._on_closed()
 
     def _deliver(self, callback: Callable[..., None], *args: Any) -> bool:
@@ -73,9 +79,8 @@ class PipeChannel:
     async def send(self, message: Any) -> bool:
         """Send in order without blocking the loop; False if the other side is gone."""
         try:
-            await self._loop.run_in_executor(self._sender, self._conn.send, message)
-            return True
-        except (OSError, EOFError, ValueError, RuntimeError):  # RuntimeError: closed already
+            return await self._loop.run_in_executor(self._sender, self._send_quietly, message)
+        except RuntimeError:  # closed already: the sender takes no more work (or the loop is gone)
             return False
 
     def send_soon(self, message: Any) -> None:
@@ -85,8 +90,12 @@ class PipeChannel:
         except RuntimeError:
             pass
 
-    def _send_quietly(self, message: Any) -> None:
+    def _send_quietly(self, message: Any) -> bool:
+        """On the sender thread: True once sent; False if the pipe is closed or the other side gone."""
+        if self.closed:
+            return False
         try:
             self._conn.send(message)
-        except (OSError, EOFError, ValueError):
-            pass
+            return True
+        except (OSError, EOFError, ValueError):  # OSError: closed here ("handle is closed") or there
+            return False

@@ -19,12 +19,16 @@ signals, in order, and what each means depends on the state: the first SIGTERM/S
 state asks for the ordered stop (while starting or restarting too: whatever was being started is
 stopped, exit 0); one more while stopping kills the children at once. Restarts (of either child)
 are budgeted: ``worker_restarts`` within any ``worker_restart_window_s``, then the daemon gives
-up (exit 5 for the worker, 6 for the HTTP process).
+up (exit 5 for the worker, 6 for the HTTP process). A child that dies while the other is being
+started (the HTTP process while a new worker loads, say) is restarted too, from the same budget,
+once the other is up. An unexpected exception here still runs the ordered stop (exit 1).
 
 Liveness: while serving, the worker is pinged over its control pipe. A worker whose event loop
 does not answer for ``worker_stall_timeout_s``, or whose MLX thread reports work pending without
 progress for that long, is stuck though alive: it is asked for its threads' stacks (SIGUSR1,
-``faulthandler``, into the log), killed and restarted like a dead one.
+``faulthandler``, into the log), killed and restarted like a dead one. Both readings start afresh
+whenever serving (re)starts. ``LLM_SERVER_FAULT`` (tests only): ``supervisor-bug`` raises in the
+watch loop, ``signal-at-spawn`` sends the process group a SIGINT from inside every spawn.
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ from ..common.protocol import (
     Stopped,
 )
 from .console import Console
-from .group import CONNECT_TIMEOUT_S, accept, close_all, start_group
+from .group import CONNECT_TIMEOUT_S, accept, close_all, hand_over, start_group
 from .listen import answer_unavailable, bind_socket, take_backlog
 from .log_file import LogHub, StreamPump
 
@@ -84,6 +88,8 @@ _STARTUP_EXIT = {
     StartupFailure.MODEL: ExitCode.MODEL,
     StartupFailure.INTERNAL: ExitCode.INTERNAL,
 }
+# A child that said ``Stopped`` has this long to exit before what is left of it is killed.
+STOPPED_EXIT_GRACE_S = 3.0
 WORKER_ENTRY = "llm_server.worker.process:run_worker"
 HTTP_ENTRY = "llm_server.http.process:run_http"
 
@@ -114,6 +120,7 @@ class Child:
     control: Connection
     control_open: bool = True  # False once the child closed its end (EOF is always "readable")
     started: float = field(default_factory=time.monotonic)
+    up: bool = False  # said Ready / Listening: from then on its death is a restart, not a failed start
 
     def readables(self) -> list[Any]:
         """What to wait on for this child: its exit, and its messages while the pipe is open."""
@@ -155,6 +162,7 @@ class Arbiter:
         self.pings = 0
         self.engine_stalled_s = 0.0  # from the worker's last Pong
         self.last_pong = time.monotonic()  # when the serving worker last answered a ping
+        self._fault = os.environ.get("LLM_SERVER_FAULT", "")  # test-only faults, read once
 
     # --- signals ------------------------------------------------------------------------------
 
@@ -204,6 +212,9 @@ class Arbiter:
         except Fatal as exc:
             log.error("%s", exc)
             return self.shutdown(exc.code, str(exc))
+        except Exception:  # a bug here still stops the children in order and flushes the log
+            log.exception("internal error in the supervisor")
+            return self.shutdown(ExitCode.INTERNAL, "internal error in the supervisor")
 
     def bind(self) -> None:
         """Take the port for the daemon's whole life, before anything loads: a busy port fails in
@@ -229,6 +240,7 @@ class Arbiter:
             ready = self.await_message(self.worker, Ready)
             if ready is None:
                 return False
+            self.worker.up = True
             log.info(
                 "model worker ready (pid %s): model %s, context window %s, %d tool(s)",
                 self.worker.pid, ready.model_name, ready.context_window, ready.tools,
@@ -239,9 +251,8 @@ class Arbiter:
                 self._send(self.http, Link(http_end))
                 # Serving only once the HTTP process uses the new pipe (503 until then).
                 if self.await_message(self.http, Linked) is None:
-                    return False
+                    return self.stop_reason is None  # a stop, or the HTTP process died (started anew)
                 log.info("http process linked to the new model worker")
-                self._serving()
                 return True
             return self.start_http(http_end)
         finally:
@@ -266,15 +277,26 @@ class Arbiter:
                 worker_end.close()
         if listening is None:
             return False
-        self._serving()
+        self.http.up = True
         return True
+
+    def _restore(self) -> None:
+        """Start whichever child is missing, then serve. The other may die meanwhile: it takes its
+        own restart from the budget (``_lost``) and is started in turn."""
+        while self.worker is None or self.http is None:
+            if not (self.start_worker() if self.worker is None else self.start_http()):
+                raise Fatal(ExitCode.OK, self.stop_reason or "stopped during restart")
+        self._serving()
 
     def _serving(self) -> None:
         address = f"http://{self.config.listening_host}:{self.config.listening_port}"
         log.info("serving on %s", address)
         self.console.say(f"listening on {address} (model {self.config.model_name}, {self.tools} tool(s))")
         self._enter(State.SERVING)
+        # Liveness starts fresh: no ping went out while (re)starting, and a stall reading of a
+        # worker that is gone says nothing about its successor.
         self.last_pong = time.monotonic()
+        self.engine_stalled_s = 0.0
 
     def _send(self, child: Child, message: Any) -> None:
         try:
@@ -288,17 +310,21 @@ class Arbiter:
         control_parent, control_child = self.ctx.Pipe(duplex=True)
         output_r, output_w = self.ctx.Pipe(duplex=False)
         process = self.ctx.Process(
-            target=run_child,
+            target=_child_main,
             name=role,
             args=(entry, config, data_end, control_child, self.hub.queue, output_w, *extra),
         )
-        # A Ctrl+C while the child is still importing would kill it with a traceback; the
-        # child inherits "ignore" and keeps it (signals are the supervisor's business).
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # A Ctrl+C while the child is still importing would kill it with a traceback, so the
+        # child starts with the stop signals blocked (a mask survives fork and exec) and drops
+        # them itself (``_child_main``). Blocked here, not ignored: this thread only, and a
+        # signal that comes meanwhile stays pending for this process instead of being lost.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         try:
             process.start()
+            if self._fault == "signal-at-spawn":  # test-only: Ctrl+C while a child is spawned
+                os.kill(0, signal.SIGINT)
         finally:
-            signal.signal(signal.SIGINT, previous)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         for conn in (data_end, control_child, output_w):  # the child's now; a copy here would hide its EOF
             conn.close()
         StreamPump(output_r, f"{role}[{process.pid}]").start()
@@ -334,19 +360,25 @@ class Arbiter:
             )
         control, records = conns
         threading.Thread(target=self.hub.relay, args=(records,), name="group-logs", daemon=True).start()
-        control.send(self.config)
+        hand_over(control, self.config)
         control.send(Link(data_end))
         data_end.close()
         return Child("model-worker", group, control)  # type: ignore[arg-type]
 
     def await_message(self, child: Child, expected: type) -> Any:
-        """Wait for ``expected`` from a starting child; None if a signal came first."""
+        """Wait for ``expected`` from ``child``; None if a signal came first, or if ``child`` was
+        already up and died meanwhile. A child that is up and dies during the wait (this one, or
+        the other while this one starts) is ``_lost``: a restart, not the end of the daemon."""
         while True:
-            ready = wait([self._wake_r, *child.readables()])
+            others = [c for c in (self.worker, self.http) if c is not None and c is not child and c.up]
+            ready = wait([self._wake_r, *child.readables(), *(c.process.sentinel for c in others)])
             if self._wake_r in ready:
                 self.take_signals()
                 if self.stop_reason is not None:
                     return None
+            for other in others:
+                if other.process.sentinel in ready:
+                    self._lost(other)
             message = None
             if child.control in ready:
                 message = child.receive()
@@ -360,7 +392,11 @@ class Arbiter:
                 if message is not None:
                     log.warning("unexpected %r from %s during start-up", message, child.role)
                     continue
-            if child.process.sentinel in ready or not child.control_open:
+            if child.up:
+                if child.process.sentinel in ready:
+                    self._lost(child)
+                    return None
+            elif child.process.sentinel in ready or not child.control_open:
                 child.process.join(5)
                 code = ExitCode.WORKER_DIED if child.role == "model-worker" else ExitCode.HTTP_DIED
                 raise Fatal(
@@ -369,6 +405,7 @@ class Arbiter:
 
     def watch(self) -> int:
         """Serve until a signal; restart a child that dies (or a worker that is stuck), alone."""
+        self._restore()  # a child already up may have died while the other started
         stall_s = self.config.worker_stall_timeout_s
         ping_every = min(5.0, stall_s / 4)
         next_ping = time.monotonic()
@@ -407,6 +444,8 @@ class Arbiter:
     def _drain_control(self, child: Child) -> None:
         message = child.receive()
         if isinstance(message, Pong):
+            if self._fault == "supervisor-bug":  # test-only: a bug in the supervisor's loop
+                raise RuntimeError("injected fault (LLM_SERVER_FAULT=supervisor-bug)")
             self.last_pong = time.monotonic()
             self.engine_stalled_s = message.engine_stalled_s
         elif message is not None:
@@ -437,7 +476,6 @@ class Arbiter:
             self.worker.process.join(1.0)
         self.worker.process.kill()
         self.worker.process.join()
-        self.engine_stalled_s = 0.0
 
     def restart_worker(self, what: str) -> None:
         """The worker is gone: start a new one; the HTTP process stays (and answers 503 meanwhile)."""
@@ -447,8 +485,7 @@ class Arbiter:
         assert self.worker is not None
         self.worker.control.close()
         self.worker = None
-        if not self.start_worker():
-            raise Fatal(ExitCode.OK, self.stop_reason or "stopped during restart")
+        self._restore()
 
     def restart_http(self, what: str) -> None:
         """The HTTP process is gone: start a new one on the same socket; the worker (and its
@@ -459,8 +496,23 @@ class Arbiter:
         assert self.http is not None
         self.http.control.close()
         self.http = None
-        if not self.start_http():
-            raise Fatal(ExitCode.OK, self.stop_reason or "stopped during restart")
+        self._restore()
+
+    def _lost(self, child: Child) -> None:
+        """``child``, up, died while the other child was being started: take a restart from the
+        budget for it (or give up), and leave it to ``_restore`` to start once the other is up."""
+        child.process.join()
+        worker = child is self.worker
+        role = "model worker" if worker else "http process"
+        what = f"{role} (pid {child.pid}) died with exit code {child.process.exitcode}"
+        self._spend_restart(what, ExitCode.WORKER_DIED if worker else ExitCode.HTTP_DIED)
+        log.warning("restarting the %s once the %s is up", role, "http process" if worker else "model worker")
+        self.console.say(f"{what}: restarting it")
+        child.control.close()
+        if worker:
+            self.worker = None
+        else:
+            self.http = None
 
     def _spend_restart(self, what: str, code: ExitCode) -> None:
         """Log the death and take one restart from the window's budget, or give up with ``code``."""
@@ -531,12 +583,20 @@ class Arbiter:
             except (OSError, ValueError):
                 pass
             deadline = time.monotonic() + deadline_s
+            said_stopped = False
             while process.is_alive():
                 if self.kill_now:
                     log.warning("killing %s (pid %s) now", child.role, child.pid)
                     process.kill()
                     break
                 left = deadline - time.monotonic()
+                if left <= 0 and said_stopped:
+                    log.warning(
+                        "%s (pid %s) still running %g s after it stopped: killing what is left of it",
+                        child.role, child.pid, STOPPED_EXIT_GRACE_S,
+                    )  # fmt: skip
+                    process.kill()
+                    break
                 if left <= 0:
                     log.error("%s (pid %s) did not stop within %.0f s: killing it", child.role, child.pid, deadline_s)
                     process.kill()
@@ -548,6 +608,11 @@ class Arbiter:
                     message = child.receive()
                     if isinstance(message, Stopped):
                         log.info("%s (pid %s) stopped: %s", child.role, child.pid, message.detail)
+                        # It has let go of what it owns (the MCP servers too); only its exit is left,
+                        # which may wait on what it abandoned (a distributed group's other ranks
+                        # still loading their shards when a stop cut the start-up short).
+                        said_stopped = True
+                        deadline = min(deadline, time.monotonic() + STOPPED_EXIT_GRACE_S)
                     elif isinstance(message, ListenerClosed) and self.state is State.STOPPING:
                         self.hub.flush(1.0)  # the child's "stopped accepting" goes first in the log
                         self.close_listener()  # the drain goes on; what queues meanwhile gets 503
@@ -555,3 +620,15 @@ class Arbiter:
         self.hub.flush()  # the child's last records first, then ours
         log.info("%s (pid %s) exited with code %s", child.role, child.pid, process.exitcode)
         child.control.close()
+
+
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def _child_main(*args: Any) -> None:
+    """A spawned child's first act: drop the stop signals that came while it started (they were
+    blocked, see ``_spawn``) and unblock them; ``run_child`` then decides what they mean here."""
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)  # a pending one is discarded here
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    run_child(*args)

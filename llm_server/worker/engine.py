@@ -31,7 +31,9 @@ A thread that is alive but stuck (a step that never returns) is the supervisor's
 ``stalled_for`` says how long work has been pending without the thread making progress.
 ``LLM_SERVER_FAULT`` (unset in normal use) injects such faults for the tests: ``engine-death``
 raises on the MLX thread when a generation finishes, ``engine-stall`` blocks it forever at its
-first decode step, ``prepare`` raises right after the model loads, ``internal`` before it loads.
+first decode step, ``slow-wake`` leaves new work in the inbox for a moment before the idle thread
+takes it, ``prepare`` raises right after the model loads, ``internal`` before it loads,
+``load-stall`` blocks it before it loads (a load that takes minutes).
 
 Distributed (``sharding`` "pipeline" or "tensor", in a process group that ``mlx.launch``
 started): every rank loads its shard with mlx-lm's ``sharded_load`` and runs this same loop, so
@@ -51,6 +53,7 @@ repeats, and the earlier rounds of a tool-calling conversation, are not computed
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import itertools
 import logging
@@ -60,9 +63,11 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .download import fetch, is_local
+from .weights import indexed_folder
 
 log = logging.getLogger("llm_server.engine")
 
@@ -150,6 +155,7 @@ class Engine:
         self._fault = os.environ.get("LLM_SERVER_FAULT", "")
         # Written by the MLX thread, read by the worker's event loop (plain attributes: atomic).
         self._busy = False  # sequences in flight
+        self._waiting = False  # blocked on an empty inbox (idle)
         self._progress = time.monotonic()  # when the MLX thread last finished a step
         self._thread = threading.Thread(target=self._run, name="mlx", daemon=True)
 
@@ -174,17 +180,17 @@ class Engine:
             if self._death is not None:
                 job.future.set_exception(self._death)
             else:
-                self._inbox.put(job)
+                self._post(job)
         return job.future
 
     def cancel(self, future: Future[Completion]) -> None:
         """Drop a submitted generation from the batch (the client went away)."""
-        self._inbox.put(_Cancel(future))
+        self._post(_Cancel(future))
 
     def finish_early(self, future: Future[Completion]) -> None:
         """End a generation now and resolve it with what it has (finish reason "stop"): its
         text reached a stop word."""
-        self._inbox.put(_Cancel(future, keep=True))
+        self._post(_Cancel(future, keep=True))
 
     def stalled_for(self) -> float:
         """Seconds the MLX thread has had work without finishing a step (0 when idle or moving)."""
@@ -194,8 +200,16 @@ class Engine:
 
     def stop(self, timeout: float | None = None) -> None:
         """Finish queued work, free the model on its own thread, and join it."""
-        self._inbox.put(None)
+        self._post(None)
         self._thread.join(timeout)
+
+    def _post(self, item: _Job | _Cancel | None) -> None:
+        # Work given to an idle thread is pending from now: the thread's last progress stamp is
+        # from when it went idle, and the idle time is no stall (the thread stamps again once
+        # it wakes; a thread that is busy or handling what arrived keeps its own stamp).
+        if self._waiting:
+            self._progress = time.monotonic()
+        self._inbox.put(item)
 
     # --- the MLX thread ----------------------------------------------------------------------
 
@@ -225,6 +239,8 @@ class Engine:
     def _load(self) -> tuple[Any, Any]:
         if self._fault == "internal":
             raise RuntimeError("injected fault (LLM_SERVER_FAULT=internal)")
+        while self._fault == "load-stall":
+            time.sleep(1)
         try:
             import mlx.core as mx
         except ImportError as exc:  # Linux without the cpu or cuda extra: mlx has no backend
@@ -249,7 +265,10 @@ class Engine:
                 self.rank = self._group.rank()
                 pipeline = self._group if self.sharding == "pipeline" else None
                 tensor = self._group if self.sharding == "tensor" else None
-                model, tokenizer, config = sharded_load(path, pipeline, tensor, return_config=True)
+                folder = Path(path).expanduser()
+                # Pipeline mode needs a weight index, which a one-file model lacks (``weights``).
+                with indexed_folder(folder) if pipeline else contextlib.nullcontext(folder) as loaded:
+                    model, tokenizer, config = sharded_load(str(loaded), pipeline, tensor, return_config=True)
                 # The same random state on every rank, so that sampling agrees (mlx_lm.server).
                 seed = mx.distributed.all_sum(mx.random.state[0], group=self._group).view(mx.uint64).item()
                 mx.random.seed(seed)
@@ -352,7 +371,15 @@ class Engine:
         when sharded, shared by rank 0 with the other ranks, which get it from rank 0 instead."""
         if self.rank != 0:
             return [self._unwire(item) for item in self._share(None)]
-        items = [self._inbox.get()] if block else []
+        items = []
+        if block:
+            self._waiting = True
+            if self._fault == "slow-wake":  # test-only: work waits a while before the thread wakes
+                while self._inbox.empty():
+                    time.sleep(0.01)
+                time.sleep(_SLOW_WAKE_S)
+            items.append(self._inbox.get())
+            self._waiting = False
         while not self._inbox.empty():
             items.append(self._inbox.get_nowait())
         # A job whose caller gave up before it started is dropped here, before it is shared.
@@ -638,6 +665,7 @@ class _Cancel:
 
 
 _NOTHING: Any = object()
+_SLOW_WAKE_S = 1.0  # LLM_SERVER_FAULT=slow-wake: longer than a ping period, well under the stall timeout
 _CACHE_KEY = "model"  # LRUPromptCache keys entries by model too; this engine has one
 
 

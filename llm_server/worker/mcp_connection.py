@@ -31,12 +31,19 @@ import httpx2
 import mcp_types as types
 from mcp.client.session import ClientSession, IncomingMessage
 from mcp.client.sse import sse_client
-from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
 from ..common.config import ServerSpec
-from .mcp_process import StartError, StderrPump, kill_group, kill_group_now, pid_alive, stdio_parameters
+from .mcp_process import (
+    StartError,
+    StderrPump,
+    kill_group,
+    kill_group_now,
+    pid_alive,
+    stdio_parameters,
+    stdio_transport,
+)
 
 logger = logging.getLogger("llm_server.mcp")
 
@@ -311,10 +318,7 @@ async def _open_transport(stack: AsyncExitStack, spec: ServerSpec, pump: StderrP
     if spec.transport == "stdio":
         assert pump is not None
         params = stdio_parameters(spec.command, spec.args, spec.env, spec.cwd)
-        try:
-            return await stack.enter_async_context(stdio_client(params, errlog=pump.writer))
-        finally:
-            pump.close_writer()  # the server has its copy now; EOF follows when its group is gone
+        return await stack.enter_async_context(stdio_transport(params, pump))
     headers = dict(spec.headers)
     if spec.transport == "sse":
         return await stack.enter_async_context(sse_client(spec.url, headers=headers, timeout=HTTP_TIMEOUT_S))

@@ -8,6 +8,13 @@ process group's), the environment launchers such as ``npx`` and ``uvx`` need, a 
 server that logs its stderr line by line as ``mcp[<server>] <line>``, and a process-group kill
 that leaves nothing behind (``npx`` → ``node``, ``sh -c`` children).
 
+Stopping a server is the MCP shutdown sequence, which the SDK's transport runs when it closes:
+the server's stdin is closed; a server still running ``PROCESS_TERMINATION_TIMEOUT`` later gets
+SIGTERM on its process group, and SIGKILL ``FORCE_KILL_TIMEOUT`` after that. `stdio_transport`
+logs it with the pid, since the SDK does it silently. The server gets SIGTERM with its default
+meaning (or its own handler): the worker does not ignore it (see `common.child`), so nor does the
+server.
+
 POSIX only, like the rest of the daemon.
 """
 
@@ -21,9 +28,10 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Any
 
-from mcp.client.stdio import StdioServerParameters
+from mcp.client.stdio import FORCE_KILL_TIMEOUT, PROCESS_TERMINATION_TIMEOUT, StdioServerParameters, stdio_client
 
 logger = logging.getLogger("llm_server.mcp")
 
@@ -70,6 +78,29 @@ def stdio_parameters(
     return StdioServerParameters(
         command="/bin/sh", args=["-c", EXEC_SHIM, "sh", resolved, *args], env=full_env, cwd=cwd
     )
+
+
+@contextlib.asynccontextmanager
+async def stdio_transport(params: StdioServerParameters, pump: StderrPump) -> AsyncIterator[Any]:
+    """The SDK's stdio transport (its read and write streams), with the server's stop logged."""
+    stopping_since: float | None = None
+    try:
+        async with stdio_client(params, errlog=pump.writer) as streams:
+            pump.close_writer()  # the server has its copy now; EOF follows when its group is gone
+            try:
+                yield streams
+            finally:
+                if pump.pid is not None and pid_alive(pump.pid):
+                    stopping_since = time.monotonic()
+                    logger.info(
+                        "mcp[%s] stopping pid %d: closing its stdin; SIGTERM to its process group if it is "
+                        "still running after %gs, SIGKILL %gs after that",
+                        pump.name, pump.pid, PROCESS_TERMINATION_TIMEOUT, FORCE_KILL_TIMEOUT,
+                    )  # fmt: skip
+    finally:
+        if stopping_since is not None and pump.pid is not None:
+            state = "still there" if pid_alive(pump.pid) else "exited"
+            logger.info("mcp[%s] pid %d %s after %.1fs", pump.name, pump.pid, state, time.monotonic() - stopping_since)
 
 
 def launcher_environment(extra: Mapping[str, str]) -> dict[str, str]:

@@ -7,7 +7,8 @@ one request never hold up another request's generation, and answers on the pipe 
 If the HTTP process dies, its pipe closes and its requests are cancelled (their clients are gone
 with it); the supervisor sends a ``Link`` with the pipe to its successor, and the loaded model
 stays. On ``Shutdown`` (or if the supervisor vanishes) it
-finishes what is in flight, frees the model on the MLX thread, stops the MCP servers and exits.
+finishes what is in flight, frees the model on the MLX thread, stops the MCP servers and exits;
+during start-up it does not wait for the start-up to end (see ``Worker.run``).
 If the engine's MLX thread dies instead, every request still open gets its failure at once, the
 MCP servers are stopped, and the process exits with ``ENGINE_DIED`` so the supervisor restarts it.
 """
@@ -70,7 +71,9 @@ def run_worker(
     code = asyncio.run(Worker(config, http_conn, control_conn).run())
     # Leave with os._exit once the last records are through: after MLX has run, a normal
     # interpreter exit can abort (SIGABRT, "terminate called without an active exception") as
-    # MLX's threads are torn down, which would turn exit 0 or 70 into -6.
+    # MLX's threads are torn down, which would turn exit 0 or 70 into -6. Nothing logs after the
+    # queue closes (a download abandoned by a stop during start-up still runs on its threads).
+    logging.disable()
     log_queue.close()
     log_queue.join_thread()
     sys.stdout.flush()
@@ -94,11 +97,28 @@ class Worker:
         self._fault = os.environ.get("LLM_SERVER_FAULT", "")  # read once, not per request
 
     async def run(self) -> int:
-        """Serve until told to stop (0), or until the engine dies (``ENGINE_DIED``)."""
+        """Serve until told to stop (0), or until the engine dies (``ENGINE_DIED``).
+
+        A ``Shutdown`` during start-up ends it at once (`_unless_stopping`): the MCP servers'
+        start is cancelled and those that started are stopped; a model load or download in
+        progress is abandoned. The MLX thread cannot be interrupted mid-load, so the worker stops
+        its MCP servers and leaves without it (``run_worker`` ends with ``os._exit``, which takes
+        the thread along; an abandoned download leaves what the Hub client leaves in its cache).
+        The supervisor killing a loading worker instead would orphan the MCP servers, each in a
+        session of its own.
+        """
         loop = asyncio.get_running_loop()
         control = self.control = PipeChannel(self._control_conn, loop, self._on_control, self.stopping.set, "control")
         control.start()
-        async with self._tool_host() as host:
+        host = self._tool_host()
+        try:
+            starting = asyncio.ensure_future(host.start())
+            if not await self._unless_stopping(starting):
+                starting.cancel()
+                await asyncio.wait({starting})
+                log.info("shutdown requested while MCP servers start: abandoning the start-up")
+                return await self._stopped_starting(host, "start-up abandoned while MCP servers started")
+            await starting  # done: raises what the start raised, if anything
             for status in host.status().values():
                 if status.state == "up":
                     control.send_soon(Notice(f"MCP server {status.name}: up, {status.tools} tool(s)"))
@@ -118,8 +138,12 @@ class Worker:
                 sharding=self.config.distributed.mode if self.config.distributed else None,
             )
             log.info("loading model %s", self.config.model_name)
+            loading = asyncio.wrap_future(engine.start())
+            if not await self._unless_stopping(loading):
+                log.info("shutdown requested while the model loads: abandoning the load (it ends with the process)")
+                return await self._stopped_starting(host, "start-up abandoned while the model loaded")
             try:
-                await asyncio.wrap_future(engine.start())
+                await loading
             except ModelLoadError as exc:
                 log.error("%s", exc, exc_info=exc.__cause__)
                 await control.send(StartupFailed(StartupFailure.MODEL, str(exc)))
@@ -151,8 +175,29 @@ class Worker:
             log.info("unloading model")
             await asyncio.to_thread(engine.stop)
             log.info("stopping MCP servers")
+        finally:
+            await host.aclose()
         log.info("MCP servers stopped")
         await control.send(Stopped("model unloaded, MCP servers stopped"))
+        return 0
+
+    async def _unless_stopping(self, work: asyncio.Future[Any]) -> bool:
+        """Wait for a step of the start-up or a ``Shutdown``, whichever comes first: True if the
+        step finished (its outcome is the caller's to read), False if the stop came first."""
+        stop = asyncio.ensure_future(self.stopping.wait())
+        try:
+            await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        return work.done()
+
+    async def _stopped_starting(self, host: MCPHost, what: str) -> int:
+        """The end of a start-up cut short by ``Shutdown``: MCP servers stopped, then ``Stopped``."""
+        log.info("stopping MCP servers")
+        await host.aclose()
+        log.info("MCP servers stopped")
+        assert self.control is not None
+        await self.control.send(Stopped(f"{what}; MCP servers stopped"))
         return 0
 
     def _download_progress(self, done: int, total: int) -> None:

@@ -1,10 +1,12 @@
 """One rank of the model worker's distributed group: ``python -m llm_server.worker.rank``.
 
-``mlx.launch`` starts this on every host (``MLX_RANK`` says which rank it is). Rank 0 connects
-back to the supervisor (``LLM_SERVER_SUPERVISOR``, authenticated with ``LLM_SERVER_AUTHKEY``):
-first the control connection, on which the config arrives, then a connection for its log
-records; then it is the model worker of a single-process daemon, its engine sharded (the pipe to
-the HTTP process arrives as a ``Link``). The other ranks build the same engine from
+``mlx.launch`` starts this on every host (``MLX_RANK`` says which rank it is), locally or through
+ssh: only its ``--env`` variables are sure to be set (``supervisor/group.py``). Rank 0 connects
+back to the supervisor (``LLM_SERVER_SUPERVISOR``, authenticated with the key in the 0600 file
+``LLM_SERVER_AUTHKEY_FILE`` names): first the control connection, on which the daemon's
+environment and then the config arrive, then a connection for its log records; then it is the
+model worker of a single-process daemon, its engine sharded (the pipe to the HTTP process
+arrives as a ``Link``). The other ranks build the same engine from
 ``LLM_SERVER_ENGINE`` and follow rank 0 until it stops; their log lines go to stderr, which the
 launcher forwards to the supervisor's log. Every rank leaves with ``os._exit``, as a spawned
 child does (MLX's threads make a normal interpreter exit after the model is freed abort).
@@ -22,18 +24,20 @@ import os
 import signal
 import sys
 from multiprocessing.connection import Client, Connection
+from pathlib import Path
 from typing import Any
 
 from setproctitle import setproctitle
 
 from ..common.logs import FORMAT, LEVELS, RequestIdFilter
-from .engine import Engine, SamplingSettings
 
 
 def main() -> int:
     rank = int(os.environ.get("MLX_RANK", "0"))
     setproctitle(f"llm-server: model-worker rank {rank}")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor stops the group in order
+    # The supervisor stops the group in order. A handler, not SIG_IGN, which exec would hand on
+    # to rank 0's MCP servers.
+    signal.signal(signal.SIGINT, lambda signum, frame: None)
     if rank == 0:
         return _leader()
     return _follower(rank)
@@ -52,15 +56,23 @@ class _Sender:
             pass
 
 
-def _leader() -> int:
-    from .process import Worker
+def _adopt(environ: dict[str, str]) -> None:
+    """Take the daemon's environment as a spawned worker inherits it; what the launcher set for
+    this rank (``MLX_*``, the group's ``LLM_SERVER_*``) stays."""
+    for key, value in environ.items():
+        if not key.startswith(("MLX_", "LLM_SERVER_")):
+            os.environ[key] = value
 
-    authkey = bytes.fromhex(os.environ["LLM_SERVER_AUTHKEY"])
+
+def _leader() -> int:
+    authkey = Path(os.environ["LLM_SERVER_AUTHKEY_FILE"]).read_bytes()
     multiprocessing.current_process().authkey = authkey  # for Connections passed as ``Link``
     host, port = os.environ["LLM_SERVER_SUPERVISOR"].rsplit(":", 1)
     control = Client((host, int(port)), authkey=authkey)
     logs = Client((host, int(port)), authkey=authkey)
+    _adopt(control.recv())
     config = control.recv()
+    from .process import Worker  # after ``_adopt``: what it imports may read the environment
     handler = logging.handlers.QueueHandler(_Sender(logs))  # type: ignore[arg-type]
     handler.addFilter(RequestIdFilter())
     root = logging.getLogger()
@@ -72,6 +84,8 @@ def _leader() -> int:
 
 
 def _follower(rank: int) -> int:
+    from .engine import Engine, SamplingSettings
+
     settings: dict[str, Any] = json.loads(os.environ["LLM_SERVER_ENGINE"])
     logging.basicConfig(
         stream=sys.stderr, level=LEVELS[settings["log_level"]], format=FORMAT.replace("%(processName)s", f"rank{rank}")

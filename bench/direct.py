@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llm_server.common.protocol import prompt_messages  # noqa: E402
-from llm_server.worker.chat import render  # noqa: E402
+from llm_server.model_worker.chat import render  # noqa: E402
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ PROMPT = [1, 2, 3, 4, 5, 6, 7, 8] * 4
 
 
 def rank_main(model: str, sharding: str | None, tokens: int, reps: int, out: str) -> None:
-    from llm_server.worker.engine import Engine, SamplingSettings
+    from llm_server.model_worker.engine import Engine, SamplingSettings
 
     engine = Engine(model, SamplingSettings(0.0, 1.0, 0.0, 1), 8, 0, sharding=sharding)
     engine.start().result(600)
@@ -118,5 +118,5 @@ if __name__ == "__main__":
         model, sharding, tokens, reps, out = sys.argv[2:7]
         rank_main(model, None if sharding == "-" else sharding, int(tokens), int(reps), out)
         sys.stdout.flush()
-        os._exit(0)  # as engine ranks leave (see llm_server.worker.rank)
+        os._exit(0)  # as engine ranks leave (see llm_server.model_worker.rank)
     main()

@@ -74,7 +74,7 @@ def variables(config_path: Path) -> list[str]:
 
 async def _servers(config: Config) -> list[str]:
     """Start every server as the daemon would; one line per server with its tools."""
-    from .worker.mcp_host import MCPHost
+    from .model_worker.mcp_host import MCPHost
 
     lines = []
     async with MCPHost(

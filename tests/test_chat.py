@@ -10,8 +10,8 @@ from mlx_lm.utils import load_tokenizer
 from tinymodel import ADD_TOOL
 
 from llm_server.common.protocol import prompt_messages
-from llm_server.worker.chat import ToolCall, render, template_messages, tool_message
-from llm_server.worker.output import RoundReader, TextReader, VisibleText
+from llm_server.model_worker.chat import ToolCall, render, template_messages, tool_message
+from llm_server.model_worker.output import RoundReader, TextReader, VisibleText
 
 CALL = '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>'
 

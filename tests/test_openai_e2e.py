@@ -26,8 +26,8 @@ from tool_model import (
 
 from llm_server.common.config import parse_servers
 from llm_server.common.protocol import prompt_messages
-from llm_server.worker.chat import ToolCall, assistant_message, render, tool_message
-from llm_server.worker.mcp_host import MCPHost
+from llm_server.model_worker.chat import ToolCall, assistant_message, render, tool_message
+from llm_server.model_worker.mcp_host import MCPHost
 
 KEY = "sk-test-0123456789"
 

@@ -5,7 +5,7 @@ CPU) to reproduce a handful of transcripts: a user asks, the assistant emits a t
 model's own format, the tool answers, the assistant answers using the result. The transcripts
 are built from the *live* servers: their tool schemas come from ``MCPHost.tools()`` and their
 results from ``MCPHost.call_tool`` — the very code the daemon runs — and rendered with
-``llm_server.worker.chat``, so what the model memorised is byte-for-byte what the daemon will show it.
+``llm_server.model_worker.chat``, so what the model memorised is byte-for-byte what the daemon will show it.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from tinymodel import Conversation, cached_trained_model
 
 from llm_server.common.config import parse_servers
 from llm_server.common.protocol import prompt_messages
-from llm_server.worker.chat import ToolCall, assistant_message, tool_message, withdraw_tool_results
-from llm_server.worker.mcp_host import MCPHost
+from llm_server.model_worker.chat import ToolCall, assistant_message, tool_message, withdraw_tool_results
+from llm_server.model_worker.mcp_host import MCPHost
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent

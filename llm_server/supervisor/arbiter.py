@@ -90,7 +90,7 @@ _STARTUP_EXIT = {
 }
 # A child that said ``Stopped`` has this long to exit before what is left of it is killed.
 STOPPED_EXIT_GRACE_S = 3.0
-WORKER_ENTRY = "llm_server.worker.process:run_worker"
+WORKER_ENTRY = "llm_server.model_worker.process:run_worker"
 HTTP_ENTRY = "llm_server.http.process:run_http"
 
 

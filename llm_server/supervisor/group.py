@@ -2,7 +2,7 @@
 
 With a ``distributed`` block in the config, the supervisor does not spawn the worker itself: it
 runs ``mlx.launch`` (so the launcher, not our code, places the ranks on the hosts and wires the
-backend), with ``python -m llm_server.worker.rank`` as the program. Rank 0 is the model worker of
+backend), with ``python -m llm_server.model_worker.rank`` as the program. Rank 0 is the model worker of
 a single-process daemon (MCP host, tool loop, pipe to the HTTP process) and connects back to the
 supervisor over TCP on the loopback (so rank 0 runs on this machine: the first host); the other
 ranks only follow its engine. ``LaunchedGroup`` makes the launcher look to the arbiter like a
@@ -36,7 +36,7 @@ from typing import Any
 
 from ..common.config import Config, DistributedSpec
 
-RANK_PROGRAM = "llm_server.worker.rank"
+RANK_PROGRAM = "llm_server.model_worker.rank"
 CONNECT_TIMEOUT_S = 120.0  # from the launch to rank 0's connection (imports on every host)
 # The daemon's variables that every rank needs from its start: where Python finds llm-server,
 # the libraries MLX loads, the Hugging Face cache and its offline switch, MLX's own settings and

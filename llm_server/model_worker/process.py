@@ -51,7 +51,7 @@ from .engine import CancelledGeneration, Engine, EngineDead, ModelLoadError, Sam
 from .mcp_host import MCPHost
 from .tool_loop import PromptTooLong, ToolClash, ToolLoop
 
-log = logging.getLogger("llm_server.worker")
+log = logging.getLogger("llm_server.model_worker")
 
 ENGINE_DIED = 70  # the worker's exit status when its MLX thread died (EX_SOFTWARE)
 

@@ -30,7 +30,7 @@ from .chat import Message, ToolCall, assistant_message, render, tool_message, wi
 from .engine import Completion, Engine, SamplingSettings
 from .output import RoundReader, VisibleText
 
-log = logging.getLogger("llm_server.worker")
+log = logging.getLogger("llm_server.model_worker")
 
 
 class PromptTooLong(Exception):

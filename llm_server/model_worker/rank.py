@@ -1,4 +1,4 @@
-"""One rank of the model worker's distributed group: ``python -m llm_server.worker.rank``.
+"""One rank of the model worker's distributed group: ``python -m llm_server.model_worker.rank``.
 
 ``mlx.launch`` starts this on every host (``MLX_RANK`` says which rank it is), locally or through
 ssh: only its ``--env`` variables are sure to be set (``supervisor/group.py``). Rank 0 connects

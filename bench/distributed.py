@@ -31,7 +31,8 @@ PROMPT = [1, 2, 3, 4, 5, 6, 7, 8] * 4
 
 
 def rank_main(model: str, sharding: str | None, tokens: int, reps: int, out: str) -> None:
-    from llm_server.model_worker.engine import Engine, SamplingSettings
+    from llm_server.model_worker.engine import Engine
+    from llm_server.model_worker.jobs import SamplingSettings
 
     engine = Engine(model, SamplingSettings(0.0, 1.0, 0.0, 1), 8, 0, sharding=sharding)
     engine.start().result(600)

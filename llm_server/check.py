@@ -11,18 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import re
 from pathlib import Path
 from typing import Any, Callable
 
-from dotenv import dotenv_values
-
-from .common.config import Config, ConfigError, load_config
-from .supervisor.arbiter import ExitCode
-from .supervisor.listen import bind_socket
-
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+from .common.config import Config, is_local, load_config
+from .common.config_error import ConfigError
+from .common.variables import Variables, names_used
+from .common.exit_codes import ExitCode
+from .common.sockets import bind_socket
 
 
 def run_check(config_path: Path, say: Callable[[str], None] = print) -> int:
@@ -62,14 +58,8 @@ class _Said(logging.Handler):
 
 def variables(config_path: Path) -> list[str]:
     """One line per ``${VAR}`` the config uses: where its value comes from (never the value)."""
-    names = sorted(set(_VAR.findall(config_path.read_text(encoding="utf-8"))))
-    dotenv_path = config_path.parent / ".env"
-    dotenv = dotenv_values(dotenv_path) if dotenv_path.is_file() else {}
-    lines = []
-    for name in names:
-        source = "the environment" if name in os.environ else f"{dotenv_path}" if name in dotenv else "nowhere"
-        lines.append(f"variable: ${{{name}}} from {source}")
-    return lines
+    found = Variables(config_path)
+    return [f"variable: ${{{name}}} from {found.source(name) or 'nowhere'}" for name in names_used(config_path)]
 
 
 async def _servers(config: Config) -> list[str]:
@@ -95,7 +85,7 @@ async def _servers(config: Config) -> list[str]:
 
 def model_source(model: str) -> str:
     """Where the model would be loaded from."""
-    if Path(model).expanduser().exists():
+    if is_local(model):
         return f"{model} is a local folder"
     from huggingface_hub import try_to_load_from_cache
 

@@ -25,8 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .common.config import Config, ConfigError, load_config
-from .supervisor.arbiter import ExitCode
+from .common.config import Config, load_config
+from .common.config_error import ConfigError
+from .common.variables import names_used
+from .common.exit_codes import ExitCode
 
 EXIT_MARGIN_S = 60  # the service manager waits this much longer than shutdown_timeout_s
 THROTTLE_S = 30  # launchd: at most one start per this many seconds
@@ -177,7 +179,7 @@ def run_service(
     service = describe(config, config_path, name)
     path, content, commands = plan(action, service, kind)
     if action == "install":
-        needed = sorted(set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", config_path.read_text(encoding="utf-8"))))
+        needed = names_used(config_path)
         if needed:
             say(f"the service will need: {', '.join(needed)} (set them in {service.folder / '.env'} or in the "
                 f"{kind} environment; they are not written into the service file)")  # fmt: skip

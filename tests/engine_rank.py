@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llm_server.common.protocol import prompt_messages  # noqa: E402
 from llm_server.model_worker.chat import render  # noqa: E402
-from llm_server.model_worker.engine import CancelledGeneration, Engine, SamplingSettings  # noqa: E402
+from llm_server.model_worker.engine import Engine  # noqa: E402
+from llm_server.model_worker.jobs import CancelledGeneration, SamplingSettings  # noqa: E402
 
 GREEDY = SamplingSettings(temperature=0.0, top_p=1.0, min_p=0.0, min_tokens_to_keep=1)
 PROMPTS = ["Tell me about the sea.", "Why?", "What is the capital of France?"]

@@ -7,7 +7,7 @@ import multiprocessing
 import socket
 import threading
 
-from llm_server.common.channel import PipeChannel
+from llm_server.common.channel import LinkedChannel, PipeChannel
 
 BIG = 20 * 1024 * 1024  # far over a socket buffer: its send blocks until the other end reads
 
@@ -58,3 +58,39 @@ def test_closing_while_the_sender_thread_sends_raises_nothing() -> None:
     asyncio.run(scenario())
     assert not [t for t in threading.enumerate() if t.name.startswith("test-")]
     theirs.close()
+
+
+def test_a_new_link_ends_the_previous_channel_and_messages_name_theirs() -> None:
+    """Scenario:
+    1. a ``LinkedChannel`` linked to pipe A; a message on A reaches ``on_message`` with A's channel;
+    2. linked to pipe B while A is still open: ``on_gone`` runs for A at once (its requests end),
+       and B becomes current; a message on B names B's channel;
+    3. B's other end closes: ``on_gone`` runs for B.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    a_ours, a_theirs = ctx.Pipe(duplex=True)
+    b_ours, b_theirs = ctx.Pipe(duplex=True)
+
+    async def scenario() -> None:
+        got: asyncio.Queue[tuple[str, object, object]] = asyncio.Queue()
+        linked = LinkedChannel(
+            lambda message, channel: got.put_nowait(("message", message, channel)),
+            lambda channel: got.put_nowait(("gone", None, channel)),
+            "test",
+        )
+        loop = asyncio.get_running_loop()
+        linked.link(a_ours, loop)
+        first = linked.current
+        a_theirs.send("hello from A")
+        assert await asyncio.wait_for(got.get(), 5) == ("message", "hello from A", first)
+        linked.link(b_ours, loop)
+        second = linked.current
+        assert second is not first
+        assert await asyncio.wait_for(got.get(), 5) == ("gone", None, first)
+        b_theirs.send("hello from B")
+        assert await asyncio.wait_for(got.get(), 5) == ("message", "hello from B", second)
+        b_theirs.close()
+        assert await asyncio.wait_for(got.get(), 5) == ("gone", None, second)
+        a_theirs.close()
+
+    asyncio.run(scenario())

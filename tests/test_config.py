@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from llm_server.common.config import ConfigError, ServerSpec, load_config
+from llm_server.common.config import load_config
+from llm_server.common.config_error import ConfigError
+from llm_server.common.servers import ServerSpec
 
 VALID = {
     "model_name": "some/model",
@@ -46,6 +48,10 @@ def test_valid_config_with_defaults(tmp_path: Path) -> None:
     assert config.log_filename == tmp_path.resolve() / "server.log"
 
 
+def test_listening_port_0_means_any_free_port(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, {**VALID, "listening_port": 0})).listening_port == 0
+
+
 @pytest.mark.parametrize("key", list(VALID))
 def test_every_key_is_required(tmp_path: Path, key: str) -> None:
     document = {k: v for k, v in VALID.items() if k != key}
@@ -56,7 +62,7 @@ def test_every_key_is_required(tmp_path: Path, key: str) -> None:
 @pytest.mark.parametrize(
     ("key", "value"),
     [
-        ("listening_port", 0), ("listening_port", 65536), ("listening_port", "8000"), ("listening_port", True),
+        ("listening_port", -1), ("listening_port", 65536), ("listening_port", "8000"), ("listening_port", True),
         ("temperature", -0.1), ("temperature", "hot"),
         ("top_p", 0), ("top_p", 1.01),
         ("min_p", -0.1), ("min_p", 1.1),
@@ -187,3 +193,11 @@ def test_ring_backend_needs_ips(tmp_path: Path) -> None:
         load_config(write(tmp_path, {**VALID, "distributed": {"hostfile": "hosts.json"}}))
     (tmp_path / "hosts.json").write_text(json.dumps({"hosts": [{"ssh": "mac-a", "ips": ["192.168.1.10"]}]}))
     assert load_config(write(tmp_path, {**VALID, "distributed": {"hostfile": "hosts.json"}})).distributed
+
+
+def test_an_integer_too_big_for_a_float_names_the_key(tmp_path: Path) -> None:
+    """Before: ``math.isfinite`` raised ``OverflowError`` (a traceback, exit 1) on a 400-digit
+    integer instead of the error naming the key."""
+    for key in ("tool_timeout_s", "top_p"):
+        with pytest.raises(ConfigError, match=key):
+            load_config(write(tmp_path, {**VALID, key: 10**400}))

@@ -18,7 +18,8 @@ import pytest
 
 from llm_server.common.protocol import prompt_messages
 from llm_server.model_worker.chat import render
-from llm_server.model_worker.engine import CancelledGeneration, Completion, Engine, EngineDead, SamplingSettings
+from llm_server.model_worker.engine import Engine
+from llm_server.model_worker.jobs import CancelledGeneration, Completion, EngineDead, SamplingSettings
 
 GREEDY = SamplingSettings(temperature=0.0, top_p=1.0, min_p=0.0, min_tokens_to_keep=1)
 PROMPTS = ["Tell me about the sea.", "Tell me about the mountains.", "What is the capital of France?"]

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # until the project has a conftest.py
 
-from llm_server.common.config import parse_servers
+from llm_server.common.servers import parse_servers
 from llm_server.model_worker.mcp_host import MCPHost, ToolResult, exposed_name  # noqa: E402
 
 CALC = str(REPO / "tests" / "servers" / "calc_server.py")

@@ -24,7 +24,7 @@ from tool_model import (
     SYSTEM_PROMPT, TOOL_TIMEOUT_S, UNKNOWN_TOOL_PROMPT, calc_servers,
 )  # fmt: skip
 
-from llm_server.common.config import parse_servers
+from llm_server.common.servers import parse_servers
 from llm_server.common.protocol import prompt_messages
 from llm_server.model_worker.chat import ToolCall, assistant_message, render, tool_message
 from llm_server.model_worker.mcp_host import MCPHost

@@ -20,7 +20,7 @@ from typing import Any
 
 from tinymodel import Conversation, cached_trained_model
 
-from llm_server.common.config import parse_servers
+from llm_server.common.servers import parse_servers
 from llm_server.common.protocol import prompt_messages
 from llm_server.model_worker.chat import ToolCall, assistant_message, tool_message, withdraw_tool_results
 from llm_server.model_worker.mcp_host import MCPHost

@@ -9,6 +9,7 @@ single sender thread that keeps sends ordered and off the loop. That thread alon
 pipe, and it is also the one that closes it, after the send in progress: a descriptor closed under
 a send would fail it half-way, or hand its bytes to whatever file next gets the number. Closing
 never raises to a sender: ``send`` says False, ``send_soon`` drops the message.
+``LinkedChannel`` is the data pipe's replaceable slot, the same on both sides.
 """
 
 from __future__ import annotations
@@ -99,3 +100,35 @@ class PipeChannel:
             return True
         except (OSError, EOFError, ValueError):  # OSError: closed here ("handle is closed") or there
             return False
+
+
+class LinkedChannel:
+    """The data pipe to the other child, replaced whenever that child restarts.
+
+    Both children keep one: the HTTP process towards the model worker, the worker towards the
+    HTTP process. ``link`` makes a new pipe end the current one; the channel linked before is
+    gone from then on (were its pipe still open, e.g. a copy held elsewhere, ``on_gone`` runs for
+    it now, so the requests it carried end at once). Each callback is told which channel it came
+    from, so a request is only ever answered, or failed, on the pipe it came on.
+    """
+
+    def __init__(
+        self,
+        on_message: Callable[[Any, PipeChannel], None],
+        on_gone: Callable[[PipeChannel], None],
+        name: str,
+    ) -> None:
+        self._on_message = on_message
+        self._on_gone = on_gone
+        self._name = name
+        self.current: PipeChannel | None = None
+
+    def link(self, conn: Connection, loop: asyncio.AbstractEventLoop) -> None:
+        previous = self.current
+        channel = PipeChannel(
+            conn, loop, lambda message: self._on_message(message, channel), lambda: self._on_gone(channel), self._name
+        )
+        self.current = channel
+        channel.start()
+        if previous is not None and not previous.closed:
+            self._on_gone(previous)

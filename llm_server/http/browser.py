@@ -24,7 +24,7 @@ from sanic.exceptions import Forbidden, SanicException
 from sanic.response import HTTPResponse
 
 from ..common.config import Config
-from .routes import name_request
+from .answers import name_request
 
 log = logging.getLogger("llm_server.http")
 

@@ -9,11 +9,11 @@ field, so a client can fix its request without reading code.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from typing import Any
 
 from ..common.protocol import Options
+from ..common.values import is_integer, is_number
 
 
 class BadRequest(ValueError):
@@ -114,10 +114,7 @@ class Fields:
         value = self._get(name)
         if value is None:
             return None
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        if ok:
-            ok = (value > low if low_open else value >= low) and value <= high
-        if not ok:
+        if not is_number(value, low, high, low_open=low_open):
             raise self._fail(name, f"a number {'>' if low_open else '>='} {low:g} and <= {high:g}")
         return float(value)
 
@@ -125,7 +122,7 @@ class Fields:
         value = self._get(name)
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        if not is_integer(value, low, high):
             raise self._fail(name, f"an integer from {low} to {high}")
         return value
 

@@ -19,10 +19,6 @@ from tqdm import tqdm
 Report = Callable[[int, int], None]  # bytes so far, bytes in all
 
 
-def is_local(model: str) -> bool:
-    return Path(model).expanduser().exists()
-
-
 def fetch(repo: str, report: Report) -> Path:
     """Download ``repo`` into the Hugging Face cache (or find it there); its local folder."""
     from huggingface_hub import snapshot_download

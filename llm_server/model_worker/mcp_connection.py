@@ -11,7 +11,7 @@ startup timeout) is logged and retried in the background with exponential backof
 is one that dies: its tools leave the list at once. A stdio server's death is seen when its
 stdout closes, or within `WATCH_INTERVAL_S` of its process exiting (a child may hold stdout
 open); an SSE server's when its event stream breaks; a streamable-HTTP server's only at the next
-request. Entries arrive validated (``common.config.ServerSpec``).
+request. Entries arrive validated (``common.servers.ServerSpec``).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
-from ..common.config import ServerSpec
+from ..common.servers import ServerSpec
 from .mcp_process import (
     StartError,
     StderrPump,

@@ -38,7 +38,7 @@ import mcp_types as types
 from mcp.client.session import ClientSession
 from mcp.shared.exceptions import MCPError
 
-from ..common.config import ServerSpec
+from ..common.servers import ServerSpec
 from ..common.logs import TRACE
 from .mcp_connection import ServerRunner, ServerState, ServerStatus, Settings, describe
 from .mcp_process import GROUP_KILL_GRACE_S

@@ -25,9 +25,12 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
-from ..common.channel import PipeChannel
+from ..common import faults
+from ..common.channel import LinkedChannel, PipeChannel
 from ..common.child import prepare_child
 from ..common.config import Config
+from ..common.exit_codes import ENGINE_DIED
+from ..common.faults import Faults
 from ..common.logs import current_request
 from ..common.protocol import (
     Cancel,
@@ -47,13 +50,12 @@ from ..common.protocol import (
     Stopped,
 )
 from .chat import template_messages
-from .engine import CancelledGeneration, Engine, EngineDead, ModelLoadError, SamplingSettings
+from .engine import Engine
+from .jobs import CancelledGeneration, EngineDead, ModelLoadError, SamplingSettings
 from .mcp_host import MCPHost
 from .tool_loop import PromptTooLong, ToolClash, ToolLoop
 
 log = logging.getLogger("llm_server.model_worker")
-
-ENGINE_DIED = 70  # the worker's exit status when its MLX thread died (EX_SOFTWARE)
 
 
 def run_worker(
@@ -90,11 +92,11 @@ class Worker:
         self._control_conn = control_conn
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.origin: dict[str, PipeChannel] = {}  # the pipe each request came on, to answer on
-        self.http: PipeChannel | None = None  # the pipe from the current HTTP process
+        self.http = LinkedChannel(self._on_request, self._unlink, "http")  # to the current HTTP process
         self.stopping = asyncio.Event()
         self.engine: Engine | None = None
         self.control: PipeChannel | None = None
-        self._fault = os.environ.get("LLM_SERVER_FAULT", "")  # read once, not per request
+        self._faults = Faults()  # read once, not per request
 
     async def run(self) -> int:
         """Serve until told to stop (0), or until the engine dies (``ENGINE_DIED``).
@@ -160,7 +162,7 @@ class Worker:
                 host=host,
             )
             if self._http_conn is not None:  # else (a distributed group's rank 0) it comes as a Link
-                self._link(self._http_conn)
+                self.http.link(self._http_conn, loop)
             tools = len(host.tools())
             await control.send(Ready(self.config.model_name, engine.context_window, tools))
             died = asyncio.wrap_future(engine.died)
@@ -217,17 +219,6 @@ class Worker:
             max_result_chars=self.config.max_tool_result_chars,
         )
 
-    def _link(self, conn: Connection) -> None:
-        """Take requests from the HTTP process at the other end of ``conn``; one linked before is
-        gone (were its pipe still open, e.g. a copy held elsewhere, its requests end now)."""
-        loop = asyncio.get_running_loop()
-        previous = self.http
-        channel = PipeChannel(conn, loop, lambda m: self._on_request(m, channel), lambda: self._unlink(channel), "http")
-        self.http = channel
-        channel.start()
-        if previous is not None and not previous.closed:
-            self._unlink(previous)
-
     def _unlink(self, channel: PipeChannel) -> None:
         """The HTTP process at the other end is gone, and with it the clients of its requests."""
         orphans = [rid for rid, origin in self.origin.items() if origin is channel]
@@ -249,11 +240,11 @@ class Worker:
             log.info("shutdown requested: %d request(s) in flight", len(self.tasks))
             self.stopping.set()
         elif isinstance(message, Link):
-            self._link(message.conn)
+            self.http.link(message.conn, asyncio.get_running_loop())
             log.info("linked to a new http process")
 
     def _on_request(self, message: Any, channel: PipeChannel) -> None:
-        if self._fault == "loop-stall":  # test-only: the event loop hangs
+        if self._faults.active(faults.LOOP_STALL):  # the event loop hangs
             while True:
                 time.sleep(1)
         if isinstance(message, Generate):

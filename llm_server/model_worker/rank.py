@@ -84,7 +84,8 @@ def _leader() -> int:
 
 
 def _follower(rank: int) -> int:
-    from .engine import Engine, SamplingSettings
+    from .engine import Engine
+    from .jobs import SamplingSettings
 
     settings: dict[str, Any] = json.loads(os.environ["LLM_SERVER_ENGINE"])
     logging.basicConfig(

@@ -27,7 +27,8 @@ from typing import Any, Callable, Protocol
 from ..common.logs import TRACE
 from ..common.protocol import ClientToolCall, GenerationStats, Options
 from .chat import Message, ToolCall, assistant_message, render, tool_message, withdraw_tool_results
-from .engine import Completion, Engine, SamplingSettings
+from .engine import Engine
+from .jobs import Completion, SamplingSettings
 from .output import RoundReader, VisibleText
 
 log = logging.getLogger("llm_server.model_worker")

@@ -15,19 +15,6 @@ import socket
 import uuid
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
-    """Bind (not listen: the HTTP process does that once the model is loaded)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
 def take_backlog(sock: socket.socket) -> list[socket.socket]:
     """Take every connection waiting in the backlog, then close ``sock`` for good."""
     waiting = []

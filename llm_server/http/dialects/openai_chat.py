@@ -1,34 +1,30 @@
-"""The OpenAI chat-completions protocol: request checking and response shapes.
+"""``POST /v1/chat/completions``: the OpenAI chat-completions protocol, as the SDKs speak it.
 
-What the ``/v1`` routes need to speak the protocol that the ``openai`` SDKs and the tools built
-on them expect: ``parse_chat_request`` turns a body into messages (in the chat template's
-format), ``Options`` and the client's tools, rejecting what cannot be honoured with a 400 that
-names the field; the ``*_body`` functions build completions, stream chunks, the model list and
-error objects. No state is kept between requests: the client sends the whole conversation.
+``parse_chat_request`` turns a body into messages (in the chat template's format), ``Options``
+and the client's tools, rejecting what cannot be honoured with a 400 that names the field;
+``ChatTurn`` renders the completion, or its stream of ``chat.completion.chunk`` events ending
+with ``[DONE]``. Errors anywhere under ``/v1`` take the OpenAI error object (an OpenAI client
+reads only that shape, a 404 or 405 included). No state is kept between requests: the client
+sends the whole conversation.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..common.protocol import ClientToolCall, GenerationStats, Options
-from .validation import BadRequest, Fields, decode_object, text_field
+from sanic import Sanic
+
+from ...common.protocol import Delta, Options, Reply
+from ..validation import BadRequest, Fields, decode_object, text_field
+from . import openai_models
+from .base import Begin, Dialect, Turn, sse
+from .openai_shapes import chunk_body, completion_body, error_body, tool_calls_body, usage_body
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 _TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    404: "invalid_request_error",
-    405: "invalid_request_error",
-    413: "invalid_request_error",
-    500: "server_error",
-    503: "service_unavailable",
-}
 
 
 @dataclass(frozen=True)
@@ -200,81 +196,56 @@ def _stop(value: Any) -> tuple[str, ...]:
     return tuple(words)
 
 
-# --- responses ---------------------------------------------------------------------------------
+class ChatTurn(Turn):
+    def __init__(self, request: ChatRequest, completion_id: str, model: str) -> None:
+        super().__init__(request.messages, request.options)
+        self.include_usage = request.include_usage
+        self.completion_id = completion_id
+        self.model = model
+
+    def reply(self, reply: Reply) -> dict[str, Any]:
+        return completion_body(
+            self.completion_id, self.model, reply.text, reply.finish_reason, reply.tool_calls, reply.stats
+        )
+
+    def _chunk(self, delta: dict[str, Any] | None, finish: str | None = None, usage: Any = None) -> str:
+        return sse(chunk_body(self.completion_id, self.model, delta, finish, usage))
+
+    def opening(self) -> list[str]:
+        return [self._chunk({"role": "assistant", "content": ""})]
+
+    def piece(self, delta: Delta) -> str:
+        return self._chunk({"content": delta.text})
+
+    def end(self, reply: Reply) -> list[str]:
+        events = []
+        if reply.tool_calls:
+            events.append(self._chunk({"tool_calls": tool_calls_body(reply.tool_calls, streaming=True)}))
+        events.append(self._chunk({}, reply.finish_reason))
+        if self.include_usage:
+            events.append(self._chunk(None, usage=usage_body(reply.stats)))
+        return events
+
+    def failure(self, status: int, message: str) -> str:
+        return sse(error_body(status, message))
+
+    def close(self) -> str:
+        return "data: [DONE]\n\n"
 
 
-def usage_body(stats: GenerationStats) -> dict[str, Any]:
-    return {
-        "prompt_tokens": stats.prompt_tokens,
-        "completion_tokens": stats.completion_tokens,
-        "total_tokens": stats.prompt_tokens + stats.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": stats.cached_tokens},
-    }
+class OpenAIChat(Dialect):
+    name = "chat_completions"
+    path = "/v1/chat/completions"
 
+    def claims(self, path: str) -> bool:
+        return path == "/v1" or path.startswith("/v1/")
 
-def tool_calls_body(calls: tuple[ClientToolCall, ...], streaming: bool = False) -> list[dict[str, Any]]:
-    body = []
-    for index, call in enumerate(calls):
-        item: dict[str, Any] = {
-            "id": call.id,
-            "type": "function",
-            "function": {"name": call.name, "arguments": call.arguments},
-        }
-        if streaming:
-            item["index"] = index
-        body.append(item)
-    return body
+    def parse(self, body: bytes, request_id: str) -> Turn:
+        chat = parse_chat_request(body, self.config.system_prompt)
+        return ChatTurn(chat, f"chatcmpl-{request_id}", self.config.served_model_name)
 
+    def error_body(self, status: int, message: str, param: str | None = None) -> dict[str, Any]:
+        return error_body(status, message, param)
 
-def completion_body(
-    completion_id: str, model: str, text: str, finish_reason: str, calls: tuple[ClientToolCall, ...],
-    stats: GenerationStats,
-) -> dict[str, Any]:  # fmt: skip
-    message: dict[str, Any] = {"role": "assistant", "content": text or (None if calls else "")}
-    if calls:
-        message["tool_calls"] = tool_calls_body(calls)
-    return {
-        "id": completion_id,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": None}],
-        "usage": usage_body(stats),
-    }
-
-
-def chunk_body(
-    completion_id: str, model: str, delta: dict[str, Any] | None, finish_reason: str | None = None,
-    usage: dict[str, Any] | None = None,
-) -> dict[str, Any]:  # fmt: skip
-    """One ``chat.completion.chunk``; ``delta`` None makes the usage-only chunk (no choices)."""
-    choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
-    body: dict[str, Any] = {
-        "id": completion_id,
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": model,
-        "choices": choices,
-    }
-    if usage is not None:
-        body["usage"] = usage
-    return body
-
-
-def model_body(model: str, created: int) -> dict[str, Any]:
-    return {"id": model, "object": "model", "created": created, "owned_by": "llm-server"}
-
-
-def models_body(model: str, created: int) -> dict[str, Any]:
-    return {"object": "list", "data": [model_body(model, created)]}
-
-
-def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
-    return {
-        "error": {
-            "message": message,
-            "type": ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
-            "param": param,
-            "code": None,
-        }
-    }
+    def add_routes(self, app: Sanic, begin: Begin) -> None:
+        openai_models.register(app, self, begin)

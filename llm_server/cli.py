@@ -1,4 +1,5 @@
-"""The ``llm-server`` command: read the config, open the log, hand over to the arbiter.
+"""The ``llm-server`` entry point (run, ``check``, ``service``): read the config, open the log, hand over
+to the arbiter. It sits above the process packages and ``common/``, and only ``__main__`` imports it.
 
 Errors that happen before the log file is known (no config, no ``log_filename``) can only go to
 stderr; everything after that goes to the log, and fatal ones are echoed to stderr as well so a
@@ -15,10 +16,12 @@ from pathlib import Path
 
 from setproctitle import setproctitle
 
-from ..common.config import ConfigError, load_log_filename, parse_config
-from .arbiter import Arbiter, ExitCode
-from .console import Console
-from .log_file import LogHub
+from .common.config import load_log_filename, parse_config
+from .common.config_error import ConfigError
+from .common.exit_codes import ExitCode
+from .supervisor.arbiter import Arbiter
+from .supervisor.console import Console
+from .supervisor.log_file import LogHub
 
 log = logging.getLogger("llm_server.supervisor")
 
@@ -27,11 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     config_path = getattr(args, "config", Path("config.json")).expanduser().absolute()
     if args.command == "check":
-        from ..check import run_check
+        from .check import run_check
 
         return run_check(config_path)
     if args.command == "service":
-        from ..service import run_service
+        from .service import run_service
 
         return run_service(args.action, config_path, args.dry_run, args.name)
     setproctitle("llm-server: supervisor")

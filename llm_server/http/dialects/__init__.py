@@ -1,0 +1,1 @@
+"""One module per protocol spoken over HTTP; ``base`` says what a protocol must provide."""

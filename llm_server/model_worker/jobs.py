@@ -1,0 +1,100 @@
+"""What the engine's pieces share: a job and its result, the sampling settings, the engine's errors.
+
+The engine's loop (``engine``), its lone-sequence path (``solo``), its batch (``batch``), its
+prompt cache, its group sharing and its loading all import from here, and this module imports
+none of them, so no import runs back up.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+log = logging.getLogger("llm_server.engine")
+
+
+class ModelLoadError(Exception):
+    """The configured model could not be loaded or prepared for generation."""
+
+
+class EngineDead(Exception):
+    """The MLX thread has ended: nothing more will be generated in this process."""
+
+
+class CancelledGeneration(Exception):
+    """The generation was dropped before it finished."""
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """What ``mlx_lm.sample_utils.make_sampler`` is built from (the config's, or a request's)."""
+
+    temperature: float
+    top_p: float
+    min_p: float
+    min_tokens_to_keep: int
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One finished generation: the generated token ids, without the stop token."""
+
+    tokens: list[int]
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    seconds: float
+    cached_tokens: int = 0  # prompt tokens taken from the prompt cache
+
+
+@dataclass
+class Job:
+    """One submitted generation, from ``submit`` until its future resolves."""
+
+    prompt: list[int]
+    max_tokens: int
+    future: Future[Completion]
+    sampling: SamplingSettings | None = None  # None: the engine's default
+    stop_words: tuple[str, ...] = ()
+    on_token: Callable[[int], None] | None = None  # called on the MLX thread (streaming)
+    sampler: Any = None  # made on the MLX thread
+    stops: Any = None  # StopSequences when there are stop words, made on the MLX thread
+    key: int = 0  # names the job to the other ranks (distributed)
+    tokens: list[int] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+    uid: int | None = None
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """Drop the generation of ``future`` (or, with ``keep``, end it with what it has)."""
+
+    future: Future[Completion]
+    keep: bool = False  # resolve with the tokens so far instead of cancelling
+
+
+Finish = Callable[[Job, str], None]  # resolves a job with its tokens and a finish reason
+
+
+def complete(job: Job, finish_reason: str) -> None:
+    """Resolve the job's future with its ``Completion`` (unless it was resolved already)."""
+    completion = Completion(
+        tokens=job.tokens,
+        prompt_tokens=len(job.prompt),
+        completion_tokens=len(job.tokens),
+        finish_reason=finish_reason,
+        seconds=time.monotonic() - job.started,
+        cached_tokens=job.cached_tokens,
+    )
+    if not job.future.done():
+        job.future.set_result(completion)
+
+
+def cancelled(future: Future[Completion], tokens: int) -> None:
+    """Fail a dropped generation's future with ``CancelledGeneration`` (after ``tokens``)."""
+    future.cancel() or future.set_exception(CancelledGeneration())
+    log.info("generation cancelled after %d tokens", tokens)

@@ -1,0 +1,134 @@
+"""Loading the engine's model: fetching it, ``mlx_lm.load`` or ``sharded_load``, and preparing it.
+
+Called on the MLX thread (MLX streams belong to the thread that made them). Everything between
+the load and the first request (the sampler, the stream, the batch generator, the prompt cache)
+belongs to loading too, so that any failure before serving is a ``ModelLoadError`` with its
+reason (exit 3), not a worker crash.
+
+Distributed (``sharding`` "pipeline" or "tensor", in a process group that ``mlx.launch``
+started): every rank loads its shard with mlx-lm's ``sharded_load``, and the random state is
+made the same on every rank (as ``mlx_lm.server`` does), so that sampling agrees.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ..common import faults
+from ..common.config import is_local
+from ..common.faults import Faults
+from .download import fetch
+from .jobs import ModelLoadError, SamplingSettings
+from .prompt_cache import PromptCache
+from .weights import indexed_folder
+
+log = logging.getLogger("llm_server.engine")
+
+
+@dataclass
+class Loaded:
+    """A loaded model with what the engine's loop runs it with."""
+
+    model: Any
+    tokenizer: Any
+    context_window: int | None
+    generator: Any  # mlx-lm's BatchGenerator
+    sampler: Any  # the default sampler (the config's settings)
+    stream: Any
+    eos: frozenset[int]
+    solo_allowed: bool  # a lone sequence can be handed to the batch
+    prompt_cache: PromptCache
+    group: Any  # the mx.distributed group when sharded, else None
+
+
+def load(
+    model_name: str, sampling: SamplingSettings, max_batch_size: int, prompt_cache_bytes: int,
+    sharding: str | None, on_download: Callable[[int, int], None] | None, fault: Faults,
+) -> Loaded:  # fmt: skip
+    """Load ``model_name`` (a folder, or a Hub name fetched first) and prepare it for serving."""
+    if fault.active(faults.INTERNAL):
+        raise faults.injected(faults.INTERNAL)
+    while fault.active(faults.LOAD_STALL):
+        time.sleep(1)
+    try:
+        import mlx.core as mx
+    except ImportError as exc:  # Linux without the cpu or cuda extra: mlx has no backend
+        raise ModelLoadError(
+            f"MLX has no backend here ({exc}): install llm-server[cpu], or llm-server[cuda] for an NVIDIA GPU"
+        ) from exc
+    from mlx_lm import load as load_model
+    from mlx_lm.generate import BatchGenerator
+    from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
+    from mlx_lm.sample_utils import make_sampler
+    from mlx_lm.utils import sharded_load
+
+    started = time.monotonic()
+    group = None
+    try:
+        path = model_name
+        if not is_local(path):
+            path = str(fetch(path, on_download or (lambda done, total: None)))
+        if sharding is None:
+            model, tokenizer, config = load_model(path, return_config=True)
+        else:
+            group = mx.distributed.init()
+            pipeline = group if sharding == "pipeline" else None
+            tensor = group if sharding == "tensor" else None
+            folder = Path(path).expanduser()
+            # Pipeline mode needs a weight index, which a one-file model lacks (``weights``).
+            with indexed_folder(folder) if pipeline else contextlib.nullcontext(folder) as loaded:
+                model, tokenizer, config = sharded_load(str(loaded), pipeline, tensor, return_config=True)
+            # The same random state on every rank, so that sampling agrees (mlx_lm.server).
+            seed = mx.distributed.all_sum(mx.random.state[0], group=group).view(mx.uint64).item()
+            mx.random.seed(seed)
+            prompt_cache_bytes = 0  # eviction by bytes would differ between the ranks' shards
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load model {model_name!r}: {type(exc).__name__}: {exc}") from exc
+    try:
+        if fault.active(faults.PREPARE):
+            raise faults.injected(faults.PREPARE)
+        context_window = _context_window(config)
+        sampler = make_sampler(
+            temp=sampling.temperature,
+            top_p=sampling.top_p,
+            min_p=sampling.min_p,
+            min_tokens_to_keep=sampling.min_tokens_to_keep,
+        )
+        stream = mx.default_stream(mx.default_device())
+        eos = frozenset(tokenizer.eos_token_ids)
+        # A lone sequence can be handed to the batch only if its cache can drop its last token.
+        solo_allowed = can_trim_prompt_cache(make_prompt_cache(model))
+        generator = BatchGenerator(
+            model,
+            stop_tokens=[[token] for token in sorted(eos)],
+            sampler=sampler,
+            completion_batch_size=max_batch_size,
+            prefill_batch_size=min(max_batch_size, 8),
+            stream=stream,
+        )
+        prompt_cache = PromptCache(prompt_cache_bytes)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot prepare model {model_name!r}: {type(exc).__name__}: {exc}") from exc
+    log.info(
+        "model %s loaded in %.1f s (context window %s, device %s)",
+        model_name,
+        time.monotonic() - started,
+        context_window,
+        mx.default_device(),
+    )
+    return Loaded(model, tokenizer, context_window, generator, sampler, stream, eos, solo_allowed, prompt_cache, group)
+
+
+def _context_window(config: dict[str, Any]) -> int | None:
+    """The longest sequence the model was built for, if its config says."""
+    for source in (config, config.get("text_config") or {}):
+        for key in ("max_position_embeddings", "max_sequence_length", "n_positions", "seq_length"):
+            value = source.get(key)
+            if isinstance(value, int) and value > 0:
+                return value
+    return None

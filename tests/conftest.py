@@ -12,6 +12,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Built test models live beside the user's other caches, so every checkout shares them (keyed by
+# what they were built from; see tinymodel.cached_model_dir).
+TEST_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llm-server-tests"
 
 from daemon import Daemon, base_config, free_port  # noqa: E402
 from tinymodel import never_stop, write_tiny_model  # noqa: E402
@@ -51,8 +54,9 @@ def make_daemon(tmp_path: Path, tiny_model: Path) -> Iterator[Callable[..., Daem
 @pytest.fixture(scope="session")
 def files_folder() -> Path:
     """The folder the filesystem MCP server may see (holds notes.txt). Its path is part of the
-    trained transcripts, so it is fixed per checkout to let the trained model be cached."""
-    folder = Path(__file__).resolve().parents[1] / ".test-deps" / "files"
+    trained transcripts, so it is fixed per user, not per checkout: a fresh clone (CI) reuses
+    the trained model."""
+    folder = TEST_CACHE / "files"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
@@ -62,5 +66,4 @@ def tool_model(files_folder: Path) -> Path:
     """A tiny model trained to call the test servers' tools (cached across sessions)."""
     from tool_model import build_tool_model
 
-    cache = Path(__file__).resolve().parents[1] / ".test-deps" / "models"
-    return build_tool_model(cache, files_folder)
+    return build_tool_model(TEST_CACHE / "models", files_folder)

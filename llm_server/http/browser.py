@@ -47,11 +47,12 @@ def register(app: Sanic, config: Config) -> None:
     hosts = _daemon_names(config)
     origins = frozenset(config.allowed_origins)
     any_host, any_origin = "*" in hosts, "*" in origins
+    every_interface = config.listening_host.strip("[]") in WILDCARD_BINDS  # then IP literals are ours
 
     @app.on_request(priority=100)  # before every other middleware; also runs for 404, 405 and 413
     async def _guard(request: Request) -> HTTPResponse | None:
         host = request.headers.get("host")  # absent only from HTTP/1.0 scripts: browsers always send it
-        if host is not None and not any_host and _host_name(host) not in hosts and not _any_ip(config, host):
+        if host is not None and not any_host and _host_name(host) not in hosts and not (every_interface and _is_ip(host)):
             raise MisdirectedRequest(f"Host {host!r} is not a name of this server (allowed_hosts)")
         origin = request.headers.get("origin")
         if origin is None:
@@ -102,11 +103,9 @@ def _host_name(host: str) -> str:
     return host.rstrip(".")
 
 
-def _any_ip(config: Config, host: str) -> bool:
-    """Bound to every interface, every address of the machine is legitimate, and an IP literal
-    in ``Host`` cannot come from a rebound name."""
-    if config.listening_host.strip("[]") not in WILDCARD_BINDS:
-        return False
+def _is_ip(host: str) -> bool:
+    """An IP literal in ``Host`` cannot come from a rebound name (legitimate when bound to every
+    interface, where every address of the machine is the daemon's)."""
     try:
         ipaddress.ip_address(_host_name(host))
     except ValueError:

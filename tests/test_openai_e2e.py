@@ -97,7 +97,7 @@ def test_stop_words_and_the_models_list(plain: Daemon) -> None:
 @pytest.mark.parametrize(
     ("request_fields", "param"),
     [({"messages": []}, "messages"), ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
-     ({"temperature": 3}, "temperature"), ({"n": 2}, "n"), ({"tool_choice": "required"}, "tool_choice"),
+     ({"temperature": 3}, "temperature"), ({"n": 2}, "n"), ({"tool_choice": "any"}, "tool_choice"),
      ({"seed": 7, "temperature": 1.0}, "seed"), ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
      ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools[0].function.name")],
 )  # fmt: skip

@@ -56,6 +56,9 @@ class Options:
     stream: bool = False  # send ``Delta`` pieces before the ``Reply``
     verbatim: bool = False  # the answer as the model wrote it (whitespace, tool markup that does not parse)
     return_unknown_calls: bool = False  # a call no MCP server runs goes to the client as a tool call
+    answer_schema: dict[str, Any] | None = None  # the answer is JSON valid against it (checked by the HTTP process)
+    call_required: bool = False  # tool_choice "required": the first round is tool calls only
+    call_name: str | None = None  # tool_choice names a tool: the first round calls it
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,7 @@ class Failure:
     request_id: str
     category: FailureCategory
     message: str
+    param: str | None = None  # the request field at fault, for a bad request
 
 
 # --- lifecycle (supervisor <-> children, over each child's own control pipe) -----------------

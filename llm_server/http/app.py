@@ -152,7 +152,7 @@ def _generation_route(dialect: Dialect, begin: Begin, gateway: Gateway, timeout_
             first = await anext(replies)
             if isinstance(first, Failure):
                 return error_response(dialect, request_id, http_status(first.category), first.message,
-                                      started=started)  # fmt: skip
+                                      first.param, started)  # fmt: skip
             if not turn.options.stream:
                 assert isinstance(first, Reply)
                 body = turn.reply(first)

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from ..common.grammars import ANY_OBJECT, SchemaError, check_schema
 from ..common.protocol import Options
 from ..common.values import is_integer, is_number
 
@@ -60,7 +61,8 @@ class PromptRequest:
 
 def parse_prompt_request(body: bytes) -> PromptRequest:
     """``POST /``: ``prompt`` (required), and the optional ``stream``, ``system_prompt``,
-    ``temperature``, ``top_p``, ``min_p``, ``max_tokens``; other fields are ignored."""
+    ``temperature``, ``top_p``, ``min_p``, ``max_tokens``, ``format`` (``"json"``: the response
+    is a JSON object; a JSON Schema: a JSON value valid against it); other fields are ignored."""
     document = decode_object(body, "a string 'prompt'")
     if "prompt" not in document:
         raise BadRequest("body has no 'prompt' field", "prompt")
@@ -78,8 +80,19 @@ def parse_prompt_request(body: bytes) -> PromptRequest:
             top_p=fields.number("top_p", 0.0, 1.0, low_open=True),
             min_p=fields.number("min_p", 0.0, 1.0),
             stream=fields.boolean("stream") or False,
+            answer_schema=_format(document.get("format")),
         ),
     )
+
+
+def _format(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if value == "json":
+        return ANY_OBJECT
+    if not isinstance(value, dict):
+        raise BadRequest("'format' must be \"json\" or a JSON Schema object", "format")
+    return schema_field(value, "format")
 
 
 def text_field(document: dict[str, Any], name: str, *, required: bool = False, where: str = "") -> str | None:
@@ -133,6 +146,15 @@ class Fields:
         if not isinstance(value, bool):
             raise self._fail(name, "true or false")
         return value
+
+
+def schema_field(value: Any, param: str) -> dict[str, Any]:
+    """A JSON Schema the answer (or a tool's arguments) must follow: one that the grammar library
+    compiles, else a 400 naming the feature it lacks (never an unconstrained answer instead)."""
+    try:
+        return check_schema(value)
+    except SchemaError as exc:
+        raise BadRequest(f"'{param}' cannot be enforced: {exc}", param) from None
 
 
 def json_type(value: Any) -> str:

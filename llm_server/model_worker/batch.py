@@ -46,6 +46,7 @@ class Batch:
                 all_tokens=[done],
                 samplers=[job.sampler],
                 stop_sequences=[job.stops] if job.stops else None,
+                logits_processors=[[job.processor.enter()]] if job.processor is not None else None,
             )
         except Exception as exc:
             job.future.set_exception(exc)

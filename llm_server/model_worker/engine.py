@@ -39,6 +39,7 @@ from typing import Any, Callable
 from ..common import faults
 from ..common.faults import Faults
 from .batch import Batch
+from .constraint import Grammars
 from .jobs import Cancel, Completion, EngineDead, Job, SamplingSettings, cancelled, complete
 from .loading import load
 from .sharing import Sharing
@@ -70,6 +71,7 @@ class Engine:
         self._sampler: Any = None
         self._samplers: dict[SamplingSettings, Any] = {}
         self._solo_allowed = False
+        self._grammars: Grammars | None = None
         self.tokenizer: Any = None
         self.context_window: int | None = None
         self._inbox: queue.SimpleQueue[Job | Cancel | None] = queue.SimpleQueue()
@@ -95,10 +97,12 @@ class Engine:
     def submit(
         self, prompt: list[int], max_tokens: int, sampling: SamplingSettings | None = None,
         stop_words: tuple[str, ...] = (), on_token: Callable[[int], None] | None = None,
+        grammar: str | None = None,
     ) -> Future[Completion]:  # fmt: skip
         """Queue a generation; its future resolves with the ``Completion``. ``on_token`` (for
-        streaming) gets each generated token on the MLX thread, before the future resolves."""
-        job = Job(prompt, max_tokens, Future(), sampling, stop_words, on_token, key=next(self._keys))
+        streaming) gets each generated token on the MLX thread, before the future resolves;
+        ``grammar`` (``common.grammars``) constrains what may be generated."""
+        job = Job(prompt, max_tokens, Future(), sampling, stop_words, grammar, on_token, key=next(self._keys))
         if self._sharing is not None:
             self._sharing.track(job)
         with self._death_lock:
@@ -152,6 +156,7 @@ class Engine:
             self.prompt_cache_bytes = loaded.prompt_cache.max_bytes
             self._sampler = loaded.sampler
             self._solo_allowed = loaded.solo_allowed
+            self._grammars = Grammars(loaded.tokenizer, loaded.eos)
             prompt_cache = loaded.prompt_cache
             batch = Batch(loaded.generator, prompt_cache, self._finish)
             solo_path = SoloPath(
@@ -276,6 +281,8 @@ class Engine:
                     )
             if job.stop_words:
                 job.stops = make_stop_sequences(self.tokenizer, list(job.stop_words))
+            if job.grammar is not None:
+                job.processor = self._grammars.processor(job.grammar)
         except Exception as exc:
             job.future.set_exception(exc)
             return False

@@ -59,9 +59,11 @@ class Job:
     future: Future[Completion]
     sampling: SamplingSettings | None = None  # None: the engine's default
     stop_words: tuple[str, ...] = ()
+    grammar: str | None = None  # the answer's grammar (``common.grammars``), None: free
     on_token: Callable[[int], None] | None = None  # called on the MLX thread (streaming)
     sampler: Any = None  # made on the MLX thread
     stops: Any = None  # StopSequences when there are stop words, made on the MLX thread
+    processor: Any = None  # the grammar's logits processor (``constraint``), made on the MLX thread
     key: int = 0  # names the job to the other ranks (distributed)
     tokens: list[int] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)

@@ -53,6 +53,7 @@ from .chat import template_messages
 from .engine import Engine
 from .jobs import CancelledGeneration, EngineDead, ModelLoadError, SamplingSettings
 from .mcp_host import MCPHost
+from .structure import Unconstrainable
 from .tool_loop import PromptTooLong, ToolClash, ToolLoop
 
 log = logging.getLogger("llm_server.model_worker")
@@ -274,6 +275,9 @@ class Worker:
             return
         except (PromptTooLong, ToolClash) as exc:
             await http.send(Failure(request_id, FailureCategory.BAD_REQUEST, str(exc)))
+            return
+        except Unconstrainable as exc:
+            await http.send(Failure(request_id, FailureCategory.BAD_REQUEST, str(exc), exc.param))
             return
         except CancelledGeneration:
             return

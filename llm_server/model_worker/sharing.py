@@ -63,7 +63,7 @@ class Sharing:
             return ("stop",)
         if isinstance(item, Cancel):
             return ("cancel", self._key_of.get(item.future), item.keep)
-        return ("job", item.key, item.prompt, item.max_tokens, item.sampling, item.stop_words)
+        return ("job", item.key, item.prompt, item.max_tokens, item.sampling, item.stop_words, item.grammar)
 
     def _unwire(self, wire: tuple[Any, ...]) -> Job | Cancel | None:
         if wire[0] == "stop":
@@ -71,8 +71,8 @@ class Sharing:
         if wire[0] == "cancel":
             job = self._jobs.get(wire[1])
             return Cancel(job.future if job is not None else Future(), wire[2])
-        _, key, prompt, max_tokens, sampling, stop_words = wire
-        job = self._jobs[key] = Job(prompt, max_tokens, Future(), sampling, stop_words, None, key=key)
+        _, key, prompt, max_tokens, sampling, stop_words, grammar = wire
+        job = self._jobs[key] = Job(prompt, max_tokens, Future(), sampling, stop_words, grammar, key=key)
         job.future.add_done_callback(lambda _: self._jobs.pop(key, None))
         job.future.set_running_or_notify_cancel()
         return job

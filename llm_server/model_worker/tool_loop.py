@@ -30,6 +30,7 @@ from .chat import Message, ToolCall, assistant_message, render, tool_message, wi
 from .engine import Engine
 from .jobs import Completion, SamplingSettings
 from .output import RoundReader, VisibleText
+from .structure import round_grammar
 
 log = logging.getLogger("llm_server.model_worker")
 
@@ -129,9 +130,10 @@ class ToolLoop:
                 withdraw_tool_results(messages)
                 continue
             prompt_tokens += len(ids)  # every round's prompt is paid for (its cached part included)
+            grammar = round_grammar(tokenizer, options, tools, ids, first=rounds == 0)
             reader = RoundReader(tokenizer, ids, tools, options.stop, keep_malformed=options.verbatim)
             visible.new_round()
-            completion = await self._generate(ids, budget, sampling, options, reader, visible, on_text)
+            completion = await self._generate(ids, budget, sampling, options, grammar, reader, visible, on_text)
             completion_tokens += completion.completion_tokens
             cached_tokens += completion.cached_tokens
             for body in reader.malformed:
@@ -205,7 +207,7 @@ class ToolLoop:
         return min(wanted, room)
 
     async def _generate(
-        self, ids: list[int], budget: int, sampling: SamplingSettings | None, options: Options,
+        self, ids: list[int], budget: int, sampling: SamplingSettings | None, options: Options, grammar: str | None,
         reader: RoundReader, visible: VisibleText, on_text: Callable[[str], None] | None,
     ) -> Completion:  # fmt: skip
         """One round. When the client streams, or stop words must be watched for, each token
@@ -228,7 +230,7 @@ class ToolLoop:
             def on_token(token: int) -> None:
                 loop.call_soon_threadsafe(read, token)
 
-        future = self.engine.submit(ids, budget, sampling, options.stop, on_token)
+        future = self.engine.submit(ids, budget, sampling, options.stop, on_token, grammar)
         try:
             completion = await asyncio.wrap_future(future)
         except asyncio.CancelledError:

@@ -18,7 +18,8 @@ from typing import Any
 from sanic import Sanic
 
 from ...common.protocol import Delta, Options, Reply
-from ..validation import BadRequest, Fields, decode_object, text_field
+from ...common.grammars import ANY_OBJECT
+from ..validation import BadRequest, Fields, decode_object, schema_field, text_field
 from . import openai_models
 from .base import Begin, Dialect, Turn, sse
 from .openai_shapes import chunk_body, completion_body, error_body, tool_calls_body, usage_body
@@ -48,9 +49,7 @@ def parse_chat_request(body: bytes, system_prompt: str) -> ChatRequest:
         raise BadRequest("'n' must be 1: one choice per request", "n")
     if document.get("logprobs"):
         raise BadRequest("'logprobs' is not supported", "logprobs")
-    response_format = document.get("response_format")
-    if response_format is not None and response_format != {"type": "text"}:
-        raise BadRequest('\'response_format\' other than {"type": "text"} is not supported', "response_format")
+    answer_schema = _response_format(document.get("response_format"))
     temperature = fields.number("temperature", 0.0, 2.0)
     seed = fields.integer("seed", -(2**63), 2**63 - 1)
     if seed is not None and temperature != 0.0:
@@ -70,7 +69,7 @@ def parse_chat_request(body: bytes, system_prompt: str) -> ChatRequest:
             raise BadRequest("'stream_options' must be an object", "stream_options")
         include_usage = Fields(stream_options, "stream_options.").boolean("include_usage") or False
     tools = _tools(document.get("tools"))
-    use_tools = _tool_choice(document.get("tool_choice"))
+    use_tools, call_required, call_name = tool_choice(document.get("tool_choice"))
     return ChatRequest(
         messages,
         Options(
@@ -83,6 +82,9 @@ def parse_chat_request(body: bytes, system_prompt: str) -> ChatRequest:
             stream=stream,
             verbatim=True,
             return_unknown_calls=True,
+            answer_schema=answer_schema,
+            call_required=call_required,
+            call_name=call_name,
         ),
         include_usage,
     )
@@ -174,17 +176,45 @@ def _tools(value: Any) -> tuple[dict[str, Any], ...]:
             raise BadRequest(
                 f"'{where}.function.parameters' must be a JSON Schema object", f"{where}.function.parameters"
             )
+        if function.get("strict") is True:  # its calls' arguments are constrained to the schema
+            schema_field(function.get("parameters", {}), f"{where}.function.parameters")
         tools.append(tool)  # as sent: the chat template shows the model what the client wrote
     return tuple(tools)
 
 
-def _tool_choice(value: Any) -> bool:
-    """Whether tools are offered: ``"auto"`` (the default) yes, ``"none"`` no tools at all."""
+def _response_format(value: Any) -> dict[str, Any] | None:
+    """The answer's JSON Schema: ``json_object`` any object, ``json_schema`` its ``schema``
+    (enforced whether ``strict`` or not); ``text`` (the default) None."""
+    if value is None or value == {"type": "text"}:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "json_object":
+        return ANY_OBJECT
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict):
+            raise BadRequest("'response_format.json_schema' must be an object", "response_format")
+        return schema_field(spec.get("schema", {}), "response_format")
+    raise BadRequest("'response_format.type' must be \"text\", \"json_object\" or \"json_schema\"", "response_format")
+
+
+def tool_choice(value: Any) -> tuple[bool, bool, str | None]:
+    """(tools offered, a call required, the tool named): ``"auto"`` (the default), ``"none"`` (no
+    tools at all), ``"required"``, or ``{"type": "function", "function": {"name": ...}}``."""
     if value is None or value == "auto":
-        return True
+        return True, False, None
     if value == "none":
-        return False
-    raise BadRequest(f'\'tool_choice\' {json.dumps(value)} is not supported: use "auto" or "none"', "tool_choice")
+        return False, False, None
+    if value == "required":
+        return True, True, None
+    function = value.get("function") if isinstance(value, dict) and value.get("type") == "function" else None
+    if isinstance(function, dict) and isinstance(function.get("name"), str):
+        return True, False, function["name"]
+    raise BadRequest(
+        f'\'tool_choice\' {json.dumps(value)} is not supported: use "auto", "none", "required" or '
+        '{"type": "function", "function": {"name": ...}}',
+        "tool_choice",
+    )
 
 
 def _stop(value: Any) -> tuple[str, ...]:

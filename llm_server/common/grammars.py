@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -67,10 +68,12 @@ def _validate(grammar: str) -> str:
 
 
 def check_schema(schema: Any) -> dict[str, Any]:
-    """``schema`` if llguidance compiles it; else ``SchemaError`` naming what it lacks."""
+    """``schema`` if llguidance compiles it; else ``SchemaError`` naming what it lacks. The one
+    compile check: the grammars built from checked schemas below are compiled once more, by the
+    engine, and not checked again."""
     if not isinstance(schema, dict):
         raise SchemaError("a JSON Schema must be an object")
-    json_answer(schema)
+    _validate(json_answer(schema))
     return schema
 
 
@@ -79,10 +82,9 @@ def json_answer(schema: dict[str, Any]) -> str:
     import llguidance
 
     try:
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(_compact(schema))
+        return llguidance.LLMatcher.grammar_from_json_schema(_compact(schema))
     except ValueError as exc:
         raise SchemaError(str(exc)) from None
-    return _validate(grammar)
 
 
 def _call_schema(tools: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -123,7 +125,7 @@ def _grammar(start: str, rules: str, reasoning: Marker | None) -> str:
         else:
             rules += f"think[stop={json.dumps(reasoning.text)}]: /(?s:.*)/\n"
         start = f"think /\\s*/ ({start})"
-    return _validate(llguidance.LLMatcher.grammar_from_lark(f"start: {start}\n{rules}"))
+    return llguidance.LLMatcher.grammar_from_lark(f"start: {start}\n{rules}")
 
 
 def answer(schema: dict[str, Any], reasoning: Marker | None = None) -> str:
@@ -149,9 +151,7 @@ def text_or_calls(tools: Sequence[dict[str, Any]], call: CallFormat, reasoning: 
     """Free text, then optionally tool calls whose arguments follow their schemas (``strict``
     function tools)."""
     no_call = call.start.token is None  # a marker spelled in text must not appear in the text
-    text = "TEXT: /(?s:.*)/" + (f" & ~/(?s:.*{_regex_escape(call.start.text)}.*)/" if no_call else "") + "\n"
+    marker = re.escape(call.start.text).replace("/", "\\/")  # a Lark regex ends at "/"
+    text = "TEXT: /(?s:.*)/" + (f" & ~/(?s:.*{marker}.*)/" if no_call else "") + "\n"
     return _grammar("TEXT | TEXT? calls", text + _calls_rules(tools, call), reasoning)
 
-
-def _regex_escape(text: str) -> str:
-    return "".join(f"\\{c}" if c in r".^$*+?()[]{}|\/" else c for c in text)

@@ -54,6 +54,7 @@ class GrammarProcessor:
         self._vocab_size = vocab_size
         self._bitmask = llguidance.numpy.allocate_token_bitmask(1, vocab_size)
         self._fresh = True
+        self._width: int | None = None  # the logits' width, once seen (rows past the vocabulary: never)
 
     def enter(self) -> GrammarProcessor:
         """The sequence starts on a path (alone, or in the batch): the next call brings no token."""
@@ -71,8 +72,8 @@ class GrammarProcessor:
         elif not self._matcher.consume_token(int(tokens[-1].item())) and not self._matcher.is_stopped():
             log.warning("constrained generation left its grammar: %s", self._matcher.get_error()[:200])
         fill_next_token_bitmask(self._matcher, self._bitmask)
-        allowed = np.unpackbits(self._bitmask.view(np.uint8), count=self._vocab_size, bitorder="little")
-        width = logits.shape[-1]
-        if width != allowed.size:  # the model's rows beyond the vocabulary (padding) are never allowed
-            allowed = allowed[:width] if width < allowed.size else np.pad(allowed, (0, width - allowed.size))
-        return mx.where(mx.array(allowed.astype(bool)), logits, -mx.inf)
+        width = self._width = self._width or logits.shape[-1]
+        allowed = np.unpackbits(self._bitmask.view(np.uint8), count=min(width, self._vocab_size), bitorder="little")
+        if width > allowed.size:  # the model's rows past the vocabulary (padding) are never allowed
+            allowed = np.pad(allowed, (0, width - allowed.size))
+        return mx.where(mx.array(allowed.view(np.bool_)), logits, -mx.inf)

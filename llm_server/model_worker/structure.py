@@ -40,10 +40,13 @@ def _marker(tokenizer: Any, text: str) -> Marker:
     return Marker(text, ids[0] if len(ids) == 1 else None)
 
 
+def _parser_name(tokenizer: Any) -> str:
+    """The mlx-lm tool parser's module name (``json_tools``, ``mistral``, ...), or "none"."""
+    return getattr(getattr(tokenizer, "tool_parser", None), "__module__", "none").rpartition(".")[2]
+
+
 def _call_format(tokenizer: Any) -> CallFormat | None:
-    parser = getattr(tokenizer, "tool_parser", None)
-    name = getattr(parser, "__module__", "").rpartition(".")[2]
-    if name not in grammars.CALL_FORMATS or not tokenizer.has_tool_calling:
+    if _parser_name(tokenizer) not in grammars.CALL_FORMATS or not tokenizer.has_tool_calling:
         return None
     return CallFormat(_marker(tokenizer, tokenizer.tool_call_start), _marker(tokenizer, tokenizer.tool_call_end))
 
@@ -62,8 +65,9 @@ def round_grammar(
         reasoning = _marker(tokenizer, tokenizer.think_end)
     call = _call_format(tokenizer) if tools else None
     if tools and call is None:
-        parser = getattr(getattr(tokenizer, "tool_parser", None), "__module__", "none").rpartition(".")[2]
-        unsupported = f"this model's tool-call format ({parser}) has no grammar here (supported: json_tools)"
+        unsupported = (
+            f"this model's tool-call format ({_parser_name(tokenizer)}) has no grammar here (supported: json_tools)"
+        )
         if forced:
             raise Unconstrainable(f"'tool_choice' cannot be enforced: {unsupported}", "tool_choice")
         if schema is not None:
@@ -79,7 +83,8 @@ def round_grammar(
             assert tools is not None and call is not None
             chosen = [t for t in tools if options.call_name in (None, t["function"]["name"])]
             if not chosen:
-                raise Unconstrainable(f"'tool_choice' names {options.call_name!r}, which is not on offer", "tool_choice")
+                missing = f"'tool_choice' names {options.call_name!r}, which is not on offer"
+                raise Unconstrainable(missing, "tool_choice")
             return grammars.calls_only(chosen, call, reasoning)
         if schema is not None:
             if tools:

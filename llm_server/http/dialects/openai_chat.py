@@ -69,7 +69,7 @@ def parse_chat_request(body: bytes, system_prompt: str) -> ChatRequest:
             raise BadRequest("'stream_options' must be an object", "stream_options")
         include_usage = Fields(stream_options, "stream_options.").boolean("include_usage") or False
     tools = _tools(document.get("tools"))
-    use_tools, call_required, call_name = tool_choice(document.get("tool_choice"))
+    use_tools, call_required, call_name = _tool_choice(document.get("tool_choice"))
     return ChatRequest(
         messages,
         Options(
@@ -198,7 +198,7 @@ def _response_format(value: Any) -> dict[str, Any] | None:
     raise BadRequest("'response_format.type' must be \"text\", \"json_object\" or \"json_schema\"", "response_format")
 
 
-def tool_choice(value: Any) -> tuple[bool, bool, str | None]:
+def _tool_choice(value: Any) -> tuple[bool, bool, str | None]:
     """(tools offered, a call required, the tool named): ``"auto"`` (the default), ``"none"`` (no
     tools at all), ``"required"``, or ``{"type": "function", "function": {"name": ...}}``."""
     if value is None or value == "auto":

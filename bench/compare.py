@@ -172,10 +172,11 @@ class DaemonSide:
 
     name = OURS
 
-    def __init__(self, model: Path, max_tokens: int, batch: int, work: Path) -> None:
+    def __init__(self, model: Path, max_tokens: int, batch: int | None, work: Path) -> None:
+        tuning = {} if batch is None else {"max_batch_size": batch}  # None: the shipped default
         config = base_config(
-            model, free_port(), max_tokens=max_tokens, max_batch_size=batch, log_level="info",
-            system_prompt=SYSTEM_PROMPT, shutdown_timeout_s=30,
+            model, free_port(), max_tokens=max_tokens, log_level="info", system_prompt=SYSTEM_PROMPT,
+            shutdown_timeout_s=30, **tuning,
         )  # fmt: skip
         self.daemon = Daemon(work / "llm-server", config).start().wait_serving(600)
 
@@ -208,12 +209,12 @@ class PeerSide:
 
     name = PEER
 
-    def __init__(self, model: Path, max_tokens: int, concurrency: int) -> None:
+    def __init__(self, model: Path, max_tokens: int, concurrency: int | None) -> None:
         self.port = free_port()
+        tuning = [] if concurrency is None else ["--decode-concurrency", str(concurrency), "--prompt-concurrency", "8"]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mlx_lm.server", "--model", str(model), "--port", str(self.port),
-             "--temp", "0", "--max-tokens", str(max_tokens), "--decode-concurrency", str(concurrency),
-             "--prompt-concurrency", "8"],
+             "--temp", "0", "--max-tokens", str(max_tokens), *tuning],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
         deadline = time.monotonic() + 600
@@ -257,7 +258,7 @@ def summarize(rounds: list[Round], max_tokens: int) -> dict[str, Any]:
 def run_shape(shape: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     model = build_model(args.cache, shape)
     max_tokens = args.max_tokens or DEFAULT_TOKENS[shape]
-    top = max(args.levels)
+    top = None if args.defaults else max(args.levels)  # --defaults: each server as shipped
     print(f"\n== {shape}: {model}, {max_tokens} tokens per answer, levels {args.levels}", flush=True)
     sides: list[Side] = [DirectSide(STREAM, "stream", model), DirectSide(BATCH, "batch", model)]
     sides.append(DaemonSide(model, max_tokens, top, work / shape))
@@ -378,6 +379,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3, help="timed rounds per side and level")
     parser.add_argument("--max-tokens", type=int, help="tokens per answer (default per shape: %s)" % DEFAULT_TOKENS)
     parser.add_argument("--no-peer", action="store_true", help="leave mlx_lm.server out")
+    parser.add_argument("--defaults", action="store_true",
+                        help="no batch-width tuning: llm-server's max_batch_size and mlx_lm.server's concurrency flags "
+                             "at their shipped defaults")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny model, levels 1,4, one round")
     parser.add_argument("--cache", type=Path, default=ROOT / ".test-deps" / "bench")
     parser.add_argument("--out", type=Path, help="report path without suffix (default: bench/results/DATE-...)")

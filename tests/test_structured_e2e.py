@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Iterator, Literal
 
+import httpx2
 import jsonschema
 import openai
 import pydantic
@@ -186,3 +187,34 @@ def test_plain_endpoint_format_schema_and_json(daemon: Daemon) -> None:
 def test_plain_endpoint_bad_format_is_a_400(daemon: Daemon, value: object, fragment: str) -> None:
     answer = daemon.post_json({"prompt": "x", "format": value})
     assert answer.status == 400 and fragment in answer.json()["Error"]
+
+
+@pytest.mark.parametrize("mode", ["tool", "native"])
+def test_pydantic_ai_agent_gets_its_model(daemon: Daemon, mode: str) -> None:
+    """An agent framework's own structured-output call: pydantic-ai's ``Agent(output_type=...)``.
+
+    Its default ("tool") forces a call to its ``final_result`` tool with ``tool_choice:
+    "required"``; ``NativeOutput`` sends ``response_format`` ``json_schema``. Either way the
+    framework validates the reply into the pydantic model itself and would retry, then raise, on
+    an invalid one: ``retries=0`` makes the first answer the one that must validate.
+    """
+    from pydantic_ai import Agent, NativeOutput
+    from pydantic_ai.models.openai import OpenAIChatModel
+    from pydantic_ai.providers.openai import OpenAIProvider
+
+    sent: list[dict] = []
+    seen = httpx2.AsyncClient(event_hooks={"request": [lambda request: _record(request, sent)]})
+    provider = OpenAIProvider(base_url=f"http://127.0.0.1:{daemon.port}/v1", api_key="unused", http_client=seen)
+    output = Thing if mode == "tool" else NativeOutput(Thing)
+    agent = Agent(OpenAIChatModel("m", provider=provider), output_type=output, retries=0)
+    result = agent.run_sync("Describe a thing.")
+    assert isinstance(result.output, Thing)
+    assert len(sent) == 1  # answered by the first reply: no retry
+    if mode == "tool":
+        assert sent[0]["tool_choice"] == "required"
+    else:
+        assert sent[0]["response_format"]["type"] == "json_schema"
+
+
+async def _record(request: httpx2.Request, sent: list[dict]) -> None:
+    sent.append(json.loads(request.content))

@@ -170,9 +170,10 @@ def http_round(
 class DaemonSide:
     """The real llm-server over HTTP; token counts come from its own response log lines."""
 
-    name = OURS
-
-    def __init__(self, model: Path, max_tokens: int, batch: int | None, work: Path) -> None:
+    def __init__(
+        self, model: Path, max_tokens: int, batch: int | None, work: Path, name: str = OURS, fields: dict | None = None
+    ) -> None:
+        self.name, self.fields = name, fields or {}  # fields: added to every request body
         tuning = {} if batch is None else {"max_batch_size": batch}  # None: the shipped default
         config = base_config(
             model, free_port(), max_tokens=max_tokens, log_level="info", system_prompt=SYSTEM_PROMPT,
@@ -186,7 +187,8 @@ class DaemonSide:
         def parse(body: bytes, headers: dict) -> None:
             ids.append({k.lower(): v for k, v in headers.items()}["x-request-id"])  # counted from the log
 
-        result = http_round(self.daemon.port, [("/", json.dumps({"prompt": p}).encode()) for p in prompts], parse)
+        bodies = [("/", json.dumps({"prompt": p, **self.fields}).encode()) for p in prompts]
+        result = http_round(self.daemon.port, bodies, parse)
         deadline = time.monotonic() + 60
         while ids:  # the log catches up with the answers a moment later
             counts = {

@@ -25,6 +25,7 @@ sys.path[:0] = [str(BENCH), str(BENCH.parent / "tests"), str(BENCH.parent)]
 
 from compare import DEFAULT_TOKENS, SHAPES, SYSTEM_PROMPT, build_model  # noqa: E402
 from daemon import base_config, cmdline, free_port, serving  # noqa: E402
+from structured import SCHEMA, large_vocab_model  # noqa: E402
 
 ROOT = BENCH.parent
 
@@ -62,10 +63,13 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=1)
     parser.add_argument("--seconds", type=int, default=15)
     parser.add_argument("--max-tokens", type=int)
+    parser.add_argument("--structured", action="store_true", help="every request with structured.py's format")
+    parser.add_argument("--vocab", type=int, help="structured.py's model with a BPE of this size")
     parser.add_argument("--cache", type=Path, default=ROOT / ".test-deps" / "bench")
     parser.add_argument("--out", type=Path, default=ROOT / ".test-deps" / "profiles")
     args = parser.parse_args()
-    model = build_model(args.cache, args.shape)
+    model = large_vocab_model(args.cache, args.vocab) if args.vocab else build_model(args.cache, args.shape)
+    fields = {"format": SCHEMA} if args.structured else {}
     tokens = args.max_tokens or DEFAULT_TOKENS[args.shape]
     args.out.mkdir(parents=True, exist_ok=True)
     config = base_config(
@@ -81,7 +85,8 @@ def main() -> None:
         def client(c: int) -> None:
             k = 0
             while time.monotonic() < until:
-                assert daemon.ask(f"Request {c}-{k}: write a story", timeout=600).status == 200
+                body = {"prompt": f"Request {c}-{k}: write a story", **fields}
+                assert daemon.post_json(body, timeout=600).status == 200
                 k += 1
                 answered[0] += 1
 
@@ -89,7 +94,8 @@ def main() -> None:
         for t in threads:
             t.start()
         time.sleep(1)
-        raws = {role: args.out / f"{args.shape}-{args.clients}c-{role}.txt" for role in ("model-worker", "http")}
+        kind = f"{args.shape}{'-structured' if args.structured else ''}{f'-v{args.vocab}' if args.vocab else ''}"
+        raws = {role: args.out / f"{kind}-{args.clients}c-{role}.txt" for role in ("model-worker", "http")}
         spies = [
             subprocess.Popen(
                 [

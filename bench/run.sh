@@ -4,6 +4,7 @@
 #   bash bench/run.sh --profile [bench/profile.py options]   py-spy of the worker and HTTP process under load
 #   bash bench/run.sh [bench/throughput.py options]          batched vs one at a time
 #   bash bench/run.sh --prompt-cache [bench/prompt_cache.py options]
+#   bash bench/run.sh --structured [bench/structured.py options]   answers under a grammar vs free ones
 #   bash bench/run.sh --distributed [bench/distributed.py options]   2 ranks over loopback vs one process
 #
 # On Linux, MLX's CPU wheel ships a slow built-in BLAS with which batching gains nothing; Debian's
@@ -53,6 +54,10 @@ fi
 if [ "${1:-}" = --distributed ]; then
     shift
     exec .venv/bin/python bench/distributed.py "$@"
+fi
+if [ "${1:-}" = --structured ]; then
+    shift
+    exec .venv/bin/python bench/structured.py "$@"
 fi
 if [ "${1:-}" = --prompt-cache ]; then
     shift

@@ -19,6 +19,7 @@ from setproctitle import setproctitle
 from .common.config import load_log_filename, parse_config
 from .common.config_error import ConfigError
 from .common.exit_codes import ExitCode
+from .common.logs import set_level
 from .supervisor.arbiter import Arbiter
 from .supervisor.console import Console
 from .supervisor.log_file import LogHub
@@ -86,7 +87,7 @@ def _run(raw: dict, config_path: Path, log_filename: Path, hub: LogHub, console:
         log.error("configuration error: %s", exc)
         print(f"llm-server: {exc}", file=sys.stderr)
         return ExitCode.CONFIG
-    logging.getLogger().setLevel(hub.level_for(config.log_level))
+    set_level(config.log_level)
     log.info(
         "llm-server starting: config %s, model %s, %d MCP server(s)",
         config_path,

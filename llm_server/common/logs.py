@@ -1,6 +1,8 @@
 """Log plumbing every process shares: the format, the TRACE level, the request id stamped on
 each record, and how a child hands its records and raw output to the supervisor.
 
+Every process sets up its root logger here (``install``), with one handler: the supervisor its
+file, a child the queue, a distributed rank 0 its connection, another rank stderr.
 The supervisor alone writes the log file (``llm_server.supervisor.log_file``). Children put
 records on its multiprocessing queue (``setup_child_logging``), and whatever a child writes to its
 file descriptors 1 and 2 (Python tracebacks, native libraries, MCP servers) goes into a pipe the
@@ -42,18 +44,52 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
-def _queue_handler(queue: Any) -> logging.Handler:
-    handler = logging.handlers.QueueHandler(queue)
+def stamped(handler: logging.Handler) -> logging.Handler:
+    """``handler``, giving every record it handles a request id."""
     handler.addFilter(RequestIdFilter())
     return handler
 
 
+def queue_handler(queue: Any) -> logging.Handler:
+    return stamped(logging.handlers.QueueHandler(queue))
+
+
+def install(handler: logging.Handler, level: str) -> None:
+    """Set up this process's root logger: the one place any process of the daemon does it."""
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    set_level(level)
+    logging.captureWarnings(True)
+
+
+def set_level(level: str) -> None:
+    logging.getLogger().setLevel(LEVELS[level])
+
+
+class ConnectionQueue:
+    """A ``QueueHandler`` queue that sends each record over a connection: the log records of a
+    distributed worker's rank 0, which is no spawned child and has no share in the queue."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def put_nowait(self, record: logging.LogRecord) -> None:
+        try:
+            self.conn.send(record)
+        except (OSError, ValueError):
+            pass
+
+
+def stderr_handler(process_name: str) -> logging.Handler:
+    """Lines on stderr, for a rank ``mlx.launch`` forwards to the supervisor's log as output."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(FORMAT.replace("%(processName)s", process_name)))
+    return stamped(handler)
+
+
 def setup_child_logging(queue: Any, level: str, output: Connection | None) -> None:
     """Route this child's records to the supervisor, and its fds 1 and 2 into ``output``."""
-    root = logging.getLogger()
-    root.handlers[:] = [_queue_handler(queue)]
-    root.setLevel(LEVELS[level])
-    logging.captureWarnings(True)
+    install(queue_handler(queue), level)
     # The queue starts its feeder thread at the first put. Started lazily, that could be while
     # the interpreter finalizes (a record logged at exit, e.g. by asyncio's "Task was destroyed"),
     # where starting a thread hangs the process; so it starts now, with a record the supervisor's

@@ -17,19 +17,17 @@ from __future__ import annotations
 import asyncio
 import faulthandler
 import json
-import logging
-import logging.handlers
 import multiprocessing
 import os
 import signal
 import sys
-from multiprocessing.connection import Client, Connection
+from multiprocessing.connection import Client
 from pathlib import Path
 from typing import Any
 
 from setproctitle import setproctitle
 
-from ..common.logs import FORMAT, LEVELS, RequestIdFilter
+from ..common.logs import ConnectionQueue, install, queue_handler, stderr_handler
 
 
 def main() -> int:
@@ -41,19 +39,6 @@ def main() -> int:
     if rank == 0:
         return _leader()
     return _follower(rank)
-
-
-class _Sender:
-    """A ``QueueHandler`` queue that sends each record over a connection to the supervisor."""
-
-    def __init__(self, conn: Connection) -> None:
-        self.conn = conn
-
-    def put_nowait(self, record: logging.LogRecord) -> None:
-        try:
-            self.conn.send(record)
-        except (OSError, ValueError):
-            pass
 
 
 def _adopt(environ: dict[str, str]) -> None:
@@ -73,11 +58,7 @@ def _leader() -> int:
     _adopt(control.recv())
     config = control.recv()
     from .process import Worker  # after ``_adopt``: what it imports may read the environment
-    handler = logging.handlers.QueueHandler(_Sender(logs))  # type: ignore[arg-type]
-    handler.addFilter(RequestIdFilter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(LEVELS[config.log_level])
+    install(queue_handler(ConnectionQueue(logs)), config.log_level)
     multiprocessing.current_process().name = "model-worker.rank0"  # the other ranks log as rank1, ...
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     return asyncio.run(Worker(config, None, control).run())
@@ -88,10 +69,7 @@ def _follower(rank: int) -> int:
     from .jobs import SamplingSettings
 
     settings: dict[str, Any] = json.loads(os.environ["LLM_SERVER_ENGINE"])
-    logging.basicConfig(
-        stream=sys.stderr, level=LEVELS[settings["log_level"]], format=FORMAT.replace("%(processName)s", f"rank{rank}")
-    )
-    logging.getLogger().handlers[0].addFilter(RequestIdFilter())
+    install(stderr_handler(f"rank{rank}"), settings["log_level"])
     engine = Engine(
         settings["model_name"], SamplingSettings(*settings["sampling"]), settings["max_batch_size"],
         sharding=settings["sharding"],

@@ -15,7 +15,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from ..common.logs import FORMAT, LEVELS, RequestIdFilter
+from ..common.logs import FORMAT, install, stamped
 
 
 def rotated_name(default_name: str) -> str:
@@ -31,8 +31,7 @@ def make_file_handler(path: Path) -> logging.handlers.TimedRotatingFileHandler:
     handler.suffix = "%Y%m%d"
     handler.namer = rotated_name
     handler.setFormatter(logging.Formatter(FORMAT))
-    handler.addFilter(RequestIdFilter())
-    return handler
+    return stamped(handler)
 
 
 class LogHub:
@@ -49,18 +48,11 @@ class LogHub:
         self.queue = queue
         self.file_handler = make_file_handler(path)
         self.listener = _FlushingListener(queue, self.file_handler)
-        self.level = LEVELS[level]
-
-    @staticmethod
-    def level_for(name: str) -> int:
-        return LEVELS[name]
+        self.level = level
 
     def start(self) -> None:
         self.listener.start()
-        root = logging.getLogger()
-        root.handlers[:] = [self.file_handler]
-        root.setLevel(self.level)
-        logging.captureWarnings(True)
+        install(self.file_handler, self.level)
 
     def flush(self, timeout: float = 2.0) -> bool:
         """Wait until every record already in the queue's pipe is in the file."""

@@ -3,22 +3,23 @@
 The file is read once, at start-up. Every problem is reported as a ``ConfigError`` whose message
 names the file and the key, so the user can fix it without reading code; after that, the rest of
 the daemon trusts the values. ``${VAR}``s are filled first (``variables.py``); the ``servers``
-block is ``servers.py``'s. Not pydantic: a model doubles the supervisor's import (75 -> 163 ms, +14 MiB).
+block is ``servers.py``'s, the ``distributed`` block ``distributed_spec.py``'s, the checks
+``config_checker.py``'s. Not pydantic: a model doubles the supervisor's import (75 -> 163 ms, +14 MiB).
 """
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
+from .config_checker import Checker, resolve_path
 from .config_error import ConfigError
+from .distributed_spec import DistributedSpec, parse_distributed
 from .servers import ServerSpec, parse_servers
-from .values import is_integer, is_number
 from .variables import Variables
 
 LOG_LEVELS = ("trace", "debug", "info", "warning", "error")
@@ -72,19 +73,6 @@ class Config:
     config_path: Path = field(default=Path("config.json"), compare=False)
 
 
-@dataclass(frozen=True)
-class DistributedSpec:
-    """The optional ``distributed`` block: the model worker as an MLX distributed group that
-    ``mlx.launch`` starts (see the README's "Bigger models")."""
-
-    mode: str  # "pipeline" or "tensor": how mlx-lm's sharded_load splits the model
-    backend: str = "ring"
-    hosts: tuple[str, ...] = ()
-    hostfile: str | None = None
-    ranks_per_host: int = 1
-    starting_port: int | None = None
-
-
 def load_log_filename(path: Path) -> tuple[dict[str, Any], Path]:
     """Read the file and resolve ``log_filename`` alone, so the log can open before the rest
     is validated (errors about other keys must go to the log, and need the file first)."""
@@ -94,7 +82,7 @@ def load_log_filename(path: Path) -> tuple[dict[str, Any], Path]:
     value = Variables(path).substitute(raw["log_filename"], "log_filename")
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(f"{path}: 'log_filename' must be a non-empty string")
-    return raw, _resolve(path, value)
+    return raw, resolve_path(path, value)
 
 
 def load_config(path: Path) -> Config:
@@ -116,7 +104,7 @@ def parse_config(raw: dict[str, Any], path: Path, log_filename: Path) -> Config:
     if missing:
         raise ConfigError(f"{path}: required key(s) missing: {', '.join(missing)}")
     values = Variables(path).substitute(raw)
-    check = _Checker(path, values)
+    check = Checker(path, values)
     log_level = check.string("log_level").lower()
     if log_level not in LOG_LEVELS:
         raise ConfigError(f"{path}: 'log_level' must be one of {', '.join(LOG_LEVELS)}")
@@ -148,7 +136,7 @@ def parse_config(raw: dict[str, Any], path: Path, log_filename: Path) -> Config:
         max_pending_requests=check.optional_integer("max_pending_requests", 1, 1_000_000),
         allowed_origins=_origins(path, values.get("allowed_origins")),
         allowed_hosts=_hosts(path, values.get("allowed_hosts")),
-        distributed=_distributed(path, values.get("distributed")),
+        distributed=parse_distributed(path, values.get("distributed")),
         served_model_name=check.string("served_model_name", default=_served_name(check.string("model_name"))),
         config_path=path,
     )
@@ -179,72 +167,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a JSON object")
     return raw
-
-
-def _resolve(config_path: Path, name: str) -> Path:
-    """Relative paths in the config are relative to the config file's folder."""
-    candidate = Path(name).expanduser()
-    return candidate if candidate.is_absolute() else config_path.parent.resolve() / candidate
-
-
-class _Checker:
-    """Type and range checks whose messages name the file and the key."""
-
-    _MISSING = object()
-
-    def __init__(self, path: Path, values: Mapping[str, Any]) -> None:
-        self.path = path
-        self.values = values
-
-    def _get(self, key: str, default: Any) -> Any:
-        value = self.values.get(key, self._MISSING)
-        if value is self._MISSING:
-            if default is self._MISSING:
-                raise ConfigError(f"{self.path}: required key '{key}' is missing")
-            return default
-        return value
-
-    def _fail(self, key: str, what: str) -> ConfigError:
-        return ConfigError(f"{self.path}: '{key}' must be {what}")
-
-    def string(self, key: str, *, allow_empty: bool = False, default: Any = _MISSING) -> str:
-        value = self._get(key, default)
-        if not isinstance(value, str) or (not allow_empty and not value.strip()):
-            raise self._fail(key, "a string" if allow_empty else "a non-empty string")
-        return value
-
-    def optional_string(self, key: str) -> str | None:
-        """Absent or null: None; otherwise a non-empty string (whose value is never quoted)."""
-        if self.values.get(key) is None:
-            return None
-        return self.string(key)
-
-    def optional_integer(self, key: str, low: int, high: int) -> int | None:
-        """Absent or null: None; otherwise an integer in range."""
-        if self.values.get(key) is None:
-            return None
-        return self.integer(key, low, high)
-
-    def integer(self, key: str, low: int, high: int, *, default: Any = _MISSING) -> int:
-        value = self._get(key, default)
-        if not is_integer(value, low, high):
-            raise self._fail(key, f"an integer from {low} to {high}")
-        return value
-
-    def number(
-        self,
-        key: str,
-        low: float,
-        high: float,
-        low_open: bool = False,
-        default: Any = _MISSING,
-    ) -> float:
-        value = self._get(key, default)
-        if not is_number(value, low, high, low_open=low_open):
-            bound = f"> {low}" if low_open else f">= {low}"
-            upper = "" if math.isinf(high) else f" and <= {high}"
-            raise self._fail(key, f"a number {bound}{upper}")
-        return float(value)
 
 
 def _string_list(path: Path, key: str, value: Any) -> list[str]:
@@ -286,69 +208,3 @@ def _hosts(path: Path, value: Any) -> tuple[str, ...]:
             )
         hosts.append(item.lower().strip("[]").rstrip("."))
     return tuple(hosts)
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
-def _hosts_without_ips(where: str, hostfile: Path) -> list[str]:
-    """The ssh names in an ``mlx.launch`` host file (a list of hosts, or ``{"hosts": [...]}``)
-    that come without ``ips``."""
-    try:
-        data = json.loads(hostfile.read_text(encoding="utf-8"))
-        hosts = data["hosts"] if isinstance(data, dict) else data
-        return [str(h.get("ssh")) for h in hosts if not h.get("ips")]
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise ConfigError(f"{where}.hostfile {hostfile}: not a readable mlx.launch host file ({exc})") from None
-
-
-def _distributed(path: Path, value: Any) -> DistributedSpec | None:
-    if value is None:
-        return None
-    where = f"{path}: 'distributed'"
-    if not isinstance(value, dict):
-        raise ConfigError(f"{where} must be an object")
-    check = _Checker(path, value)
-    mode = value.get("mode", "pipeline")
-    if mode not in ("pipeline", "tensor"):
-        raise ConfigError(f'{where}.mode must be "pipeline" or "tensor"')
-    backend = value.get("backend", "ring")
-    if backend not in ("ring", "jaccl", "mpi"):
-        raise ConfigError(f"{where}.backend must be one of ring, jaccl, mpi")
-    hosts = value.get("hosts", [])
-    if not isinstance(hosts, list) or not all(isinstance(h, str) and h for h in hosts):
-        raise ConfigError(f"{where}.hosts must be a list of host names")
-    hostfile = value.get("hostfile")
-    if hostfile is not None:
-        if not isinstance(hostfile, str) or not hostfile:
-            raise ConfigError(f"{where}.hostfile must be a file name")
-        hostfile = str(_resolve(path, hostfile))
-    if bool(hosts) == (hostfile is not None):
-        raise ConfigError(f"{where} needs either 'hosts' or 'hostfile'")
-    # mlx.launch's ring connects the ranks by address; names are not resolved (a host may have
-    # several addresses, and which interface the ring should use is the user's choice).
-    if backend == "ring" and hostfile is not None:
-        names = _hosts_without_ips(where, Path(hostfile))
-        if names:
-            raise ConfigError(
-                f"{where}.hostfile {hostfile}: the ring backend needs IP addresses: give 'ips' for {', '.join(names)}"
-            )
-    names = [h for h in hosts if not _is_ip(h)]
-    if backend == "ring" and names:
-        raise ConfigError(
-            f"{where}.hosts: the ring backend needs IP addresses, not host names ({', '.join(names)}); "
-            "give IPs, or a 'hostfile' with each host's ssh name and its 'ips'"
-        )
-    return DistributedSpec(
-        mode=mode,
-        backend=backend,
-        hosts=tuple(hosts),
-        hostfile=hostfile,
-        ranks_per_host=check.integer("ranks_per_host", 1, 64, default=1),
-        starting_port=check.integer("starting_port", 1024, 65535, default=None) if "starting_port" in value else None,
-    )

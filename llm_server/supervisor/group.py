@@ -34,7 +34,8 @@ from multiprocessing.connection import Connection, Listener
 from pathlib import Path
 from typing import Any
 
-from ..common.config import Config, DistributedSpec
+from ..common.config import Config
+from ..common.distributed_spec import DistributedSpec
 
 RANK_PROGRAM = "llm_server.model_worker.rank"
 CONNECT_TIMEOUT_S = 120.0  # from the launch to rank 0's connection (imports on every host)

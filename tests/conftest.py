@@ -16,7 +16,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 # what they were built from; see tinymodel.cached_model_dir).
 TEST_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llm-server-tests"
 
-from daemon import Daemon, base_config, free_port  # noqa: E402
+from daemon import Daemon, base_config  # noqa: E402
 from tinymodel import never_stop, write_tiny_model  # noqa: E402
 
 
@@ -41,7 +41,7 @@ def make_daemon(tmp_path: Path, tiny_model: Path) -> Iterator[Callable[..., Daem
     def make(config: dict | None = None, *, env: dict[str, str] | None = None, name: str = "daemon",
              **overrides: object) -> Daemon:
         if config is None:
-            config = base_config(tiny_model, free_port(), **overrides)
+            config = base_config(tiny_model, 0, **overrides)
         daemon = Daemon(tmp_path / name, config, env)
         made.append(daemon)
         return daemon

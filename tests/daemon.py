@@ -1,4 +1,4 @@
-"""Driving a real ``llm-server`` from tests: config files, the subprocess, HTTP and /proc.
+"""Driving a real ``llm-server`` from tests: config files, the subprocess, HTTP and its processes.
 
 Nothing here fakes the daemon: ``Daemon`` writes a ``config.json`` into a temp working
 directory, starts ``python -m llm_server`` there as its own process group, and talks to it over
@@ -23,7 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+import psutil
+
 ROOT = Path(__file__).resolve().parents[1]
+
+
+_SERVING = re.compile(r"serving on http://\S+?:(\d+)")
 
 
 def free_port() -> int:
@@ -72,6 +77,7 @@ class Daemon:
         self.port = int(self.config.get("listening_port", 0) or 0)
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
+        self._log_start = 0  # where this start's lines begin in the log (a restart appends)
 
     @property
     def log_path(self) -> Path:
@@ -81,6 +87,7 @@ class Daemon:
         return self.log_path.read_text(encoding="utf-8") if self.log_path.exists() else ""
 
     def start(self) -> Daemon:
+        self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "llm_server"],
             cwd=self.workdir,
@@ -92,14 +99,20 @@ class Daemon:
         return self
 
     def wait_serving(self, timeout: float = 90.0) -> Daemon:
-        """Wait until the port accepts connections; fail with the log if the daemon exits."""
+        """Wait until the port accepts connections; fail with the log if the daemon exits. With
+        ``listening_port`` 0 the daemon binds any free port, and its "serving on" line says which."""
         assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.output()}\n{self.log_text()}")
-            if "serving on" in self.log_text() and port_open(self.port):
-                return self
+            fresh = self.log_path.read_bytes()[self._log_start :] if self.log_path.exists() else b""
+            serving = _SERVING.search(fresh.decode("utf-8", errors="replace"))
+            if serving:
+                if not self.config.get("listening_port"):
+                    self.port = int(serving.group(1))
+                if port_open(self.port):
+                    return self
             time.sleep(0.1)
         raise AssertionError(f"daemon not serving after {timeout} s:\n{self.log_text()}")
 
@@ -245,32 +258,18 @@ def parse_response(data: bytes) -> HttpResult:
 
 
 def descendants(pid: int) -> list[int]:
-    """All live descendants of ``pid``, from /proc (no psutil needed)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as stat:
-                fields = stat.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != b"Z":
-            children.setdefault(int(fields[1]), []).append(int(entry))
-    found: list[int] = []
-    stack = [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
+    """All live (not zombie) descendants of ``pid``."""
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    return [c.pid for c in children if _alive(c)]
 
 
 def cmdline(pid: int) -> str:
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
-    except OSError:
+        return " ".join(psutil.Process(pid).cmdline()).strip()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return ""
 
 
@@ -294,30 +293,38 @@ def assert_gone(pids: list[int], grace_s: float = 5.0) -> None:
     """Every pid has exited (multiprocessing's resource tracker needs a moment after EOF)."""
     deadline = time.monotonic() + grace_s
     while True:
-        alive = [p for p in pids if Path(f"/proc/{p}").exists() and not _zombie(p)]
+        alive = [p for p in pids if pid_alive(p)]
         if not alive or time.monotonic() > deadline:
             break
         time.sleep(0.05)
     assert not alive, f"processes left behind: {[(p, cmdline(p)) for p in alive]}"
 
 
-def _zombie(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie is not)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] == b"Z"
-    except OSError:
+        return _alive(psutil.Process(pid))
+    except psutil.NoSuchProcess:
         return False
 
 
-def post_and_hang_up(daemon: Daemon, prompt: str, linger_s: float = 0.0) -> None:
-    """POST a prompt, wait until the daemon has logged the request (and `linger_s` more), then
-    close the connection without reading the answer, as an impatient client does."""
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.NoSuchProcess:
+        return False
+
+def post_and_hang_up(daemon: Daemon, prompt: str, linger_s: float = 0.0, until: str = "request from") -> None:
+    """POST a prompt, wait until the daemon has logged ``until`` once more (by default: the
+    request), and ``linger_s`` more, then close the connection without reading the answer, as an
+    impatient client does."""
     body = json.dumps({"prompt": prompt}).encode()
     head = f"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
     head += "\r\n"
-    before = daemon.log_text().count("request from")
+    before = daemon.log_text().count(until)
     with socket.create_connection(("127.0.0.1", daemon.port), timeout=30) as sock:
         sock.sendall(head.encode() + body)
-        daemon.wait_log("request from", count=before + 1)
+        daemon.wait_log(until, count=before + 1)
         time.sleep(linger_s)
 
 

@@ -28,6 +28,7 @@ SERVERS = {
 def hub_daemon(
     make_daemon: Callable[..., Daemon], tmp_path: Path, hub: FakeHub, name: str, **settings: object
 ) -> Daemon:
+    # A port known before the start: at log_level "error" no "serving on" line tells it.
     config = base_config("acme/tiny", free_port(), servers=SERVERS, mcp_startup_timeout_s=20, **settings)
     env = {"HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "0", "HF_HUB_CACHE": str(tmp_path / f"hub-{name}")}
     return make_daemon(config, env=env, name=name)

@@ -16,7 +16,7 @@ from typing import Callable
 
 import mlx.core as mx
 import pytest
-from daemon import Daemon, HttpResult, ask_in_background, base_config, cmdline, free_port
+from daemon import Daemon, HttpResult, ask_in_background, base_config, cmdline, free_port, pid_alive
 from tool_model import MAX_TOOL_ROUNDS, SYSTEM_PROMPT, TOOL_TIMEOUT_S, calc_servers
 
 PIRATE = {"prompt": "Why?", "system_prompt": "You are a pirate."}
@@ -33,7 +33,8 @@ def with_weight_index(model: Path, folder: Path) -> Path:
 
 
 def group(mode: str) -> dict:
-    return {"hosts": ["127.0.0.1"], "ranks_per_host": 2, "mode": mode}
+    # A ring port of its own, so that groups of tests run side by side (pytest-xdist) do not meet.
+    return {"hosts": ["127.0.0.1"], "ranks_per_host": 2, "mode": mode, "starting_port": free_port()}
 
 
 def rank_pids(daemon: Daemon) -> list[int]:
@@ -43,7 +44,7 @@ def rank_pids(daemon: Daemon) -> list[int]:
 @pytest.fixture(scope="module")
 def reference(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """One process's greedy answers."""
-    daemon = Daemon(tmp_path_factory.mktemp("one"), base_config(tiny_model, free_port(), max_tokens=30))
+    daemon = Daemon(tmp_path_factory.mktemp("one"), base_config(tiny_model, 0, max_tokens=30))
     try:
         daemon.start().wait_serving()
         answers = {p: daemon.ask(p).json()["response"] for p in PROMPTS}
@@ -61,7 +62,7 @@ def test_two_ranks_answer_as_one_process(make_daemon: Callable[..., Daemon], tin
     greedy answers are one process's; SIGTERM stops every rank, exit 0, and the model folder is
     left as it was."""
     before = sorted(p.name for p in tiny_model.iterdir())
-    daemon = make_daemon(base_config(tiny_model, free_port(), max_tokens=30, distributed=group(mode)))
+    daemon = make_daemon(base_config(tiny_model, 0, max_tokens=30, distributed=group(mode)))
     daemon.start().wait_serving(180)
     assert len(rank_pids(daemon)) == 2
     assert daemon.post_json(PIRATE).json()["response"] == reference["pirate"]
@@ -75,7 +76,7 @@ def test_two_ranks_answer_as_one_process(make_daemon: Callable[..., Daemon], tin
     ranks = rank_pids(daemon)
     daemon.signal()
     assert daemon.wait_exit(120) == 0
-    assert not any(os.path.exists(f"/proc/{pid}") for pid in ranks)
+    assert not any(pid_alive(pid) for pid in ranks)
     assert sorted(p.name for p in tiny_model.iterdir()) == before
 
 
@@ -83,7 +84,7 @@ def test_a_rank_dying_mid_generation(make_daemon: Callable[..., Daemon], tiny_mo
     """Scenario (pipeline mode, a generation of 100,000 tokens in flight): rank 1 is killed; the
     launcher stops the group, the request gets a 500, the group is started again (new ranks),
     the HTTP process answers 503 meanwhile, and the next request succeeds."""
-    daemon = make_daemon(base_config(tiny_model, free_port(), max_tokens=30, distributed=group("pipeline")))
+    daemon = make_daemon(base_config(tiny_model, 0, max_tokens=30, distributed=group("pipeline")))
     daemon.start().wait_serving(180)
     long_story: list[object] = []
     thread = threading.Thread(
@@ -110,7 +111,7 @@ def test_tool_call_through_the_group(make_daemon: Callable[..., Daemon], tool_mo
     and is answered as on one machine."""
     model = with_weight_index(tool_model, tmp_path / "tool-model")
     config = base_config(
-        model, free_port(), servers=calc_servers(), system_prompt=SYSTEM_PROMPT, max_tokens=200,
+        model, 0, servers=calc_servers(), system_prompt=SYSTEM_PROMPT, max_tokens=200,
         tool_timeout_s=TOOL_TIMEOUT_S, max_tool_rounds=MAX_TOOL_ROUNDS, distributed=group("pipeline"),
     )  # fmt: skip
     daemon = make_daemon(config).start().wait_serving(180)

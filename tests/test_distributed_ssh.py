@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
-from daemon import Daemon, base_config, cmdline, descendants, free_port, port_open
+from daemon import Daemon, base_config, cmdline, descendants, free_port, port_open, pid_alive
 from tool_model import CALC_SERVER
 
 SSHD = Path("/usr/sbin/sshd")
@@ -118,7 +118,7 @@ def test_ranks_started_through_ssh_serve(make_daemon: Callable[..., Daemon], tin
     # It offers no tools, so that the prompt (and the answer) is the one without servers.
     settings = {"max_tokens": 30, "servers": {"calc": {"command": "calc-mcp", "allowedTools": []}}}
     env = {"PATH": f"{sshd.bin_dir}:{tools}:{os.environ['PATH']}"}
-    one = make_daemon(base_config(tiny_model, free_port(), **settings), env=env, name="one").start().wait_serving()
+    one = make_daemon(base_config(tiny_model, 0, **settings), env=env, name="one").start().wait_serving()
     reference = one.post_json(PIRATE).json()["response"]
     one.signal()
     assert one.wait_exit() == 0 and reference
@@ -126,7 +126,7 @@ def test_ranks_started_through_ssh_serve(make_daemon: Callable[..., Daemon], tin
     hostfile = tmp_path / "hosts.json"
     hostfile.write_text(json.dumps([{"ssh": "localhost", "ips": ["127.0.0.1"]}] * 2))
     group = {"hostfile": str(hostfile), "mode": "pipeline", "starting_port": free_port()}
-    daemon = make_daemon(base_config(tiny_model, free_port(), distributed=group, **settings), env=env, name="group")
+    daemon = make_daemon(base_config(tiny_model, 0, distributed=group, **settings), env=env, name="group")
     daemon.start().wait_serving(180)
     assert "MCP host ready: 1 of 1 servers up" in daemon.log_text()
     ranks = sshd.ranks()
@@ -148,7 +148,7 @@ def test_ranks_started_through_ssh_serve(make_daemon: Callable[..., Daemon], tin
     deadline = time.monotonic() + 10
     while sshd.ranks() and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not sshd.ranks() and not any(os.path.exists(f"/proc/{p}") for p in ranks)
+    assert not sshd.ranks() and not any(pid_alive(p) for p in ranks)
     assert not key_file.parent.exists()
 
 
@@ -156,7 +156,7 @@ def test_ring_hosts_given_as_names_are_a_config_error(make_daemon: Callable[...,
     """``hosts`` with a name and the ring backend: exit 2 before anything starts, saying the
     ring needs IP addresses (not a launcher traceback)."""
     group = {"hosts": ["127.0.0.1", "mac-b.local"], "mode": "pipeline"}
-    daemon = make_daemon(base_config(tiny_model, free_port(), distributed=group)).start()
+    daemon = make_daemon(base_config(tiny_model, 0, distributed=group)).start()
     assert daemon.wait_exit() == 2
     output = daemon.output()
     assert "the ring backend needs IP addresses" in output and "mac-b.local" in output, output

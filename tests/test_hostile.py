@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from daemon import Daemon, HttpResult, base_config, free_port, parse_response, read_answer
+from daemon import Daemon, HttpResult, base_config, parse_response, read_answer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -243,7 +243,7 @@ def send(port: int, attack: Attack) -> HttpResult | None:
 
 @pytest.fixture(scope="module")
 def daemon(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    config = base_config(tiny_model, free_port(), max_tokens=2, log_level="info")
+    config = base_config(tiny_model, 0, max_tokens=2, log_level="info")
     daemon = Daemon(tmp_path_factory.mktemp("hostile"), config).start().wait_serving()
     yield daemon
     daemon.kill_all()

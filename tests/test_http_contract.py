@@ -11,14 +11,14 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from daemon import Daemon, base_config, free_port, raw_exchange, serving
+from daemon import Daemon, base_config, raw_exchange, serving
 
 MB = 1_000_000
 
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[Daemon]:
-    with serving(tmp_path_factory.mktemp("contract"), base_config(tiny_model, free_port())) as d:
+    with serving(tmp_path_factory.mktemp("contract"), base_config(tiny_model, 0)) as d:
         yield d
 
 

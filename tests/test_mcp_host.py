@@ -19,13 +19,15 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # until the project has a conftest.py
 
-from llm_server.common.servers import parse_servers
+from daemon import pid_alive  # noqa: E402
+from llm_server.common.servers import parse_servers  # noqa: E402
 from llm_server.model_worker.mcp_host import MCPHost, ToolResult, exposed_name  # noqa: E402
 
 CALC = str(REPO / "tests" / "servers" / "calc_server.py")
@@ -76,41 +78,15 @@ def caplog(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
 
 
 def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes of a process group, read from /proc."""
-    if not os.path.isdir("/proc"):
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return []
-        return [pgid]
+    """Live (non-zombie) processes of a process group."""
     members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for process in psutil.process_iter():
         try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
+            if os.getpgid(process.pid) == pgid and pid_alive(process.pid):
+                members.append(process.pid)
+        except (ProcessLookupError, PermissionError):
             continue
-        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
-        state, pgrp = fields[0], int(fields[2])
-        if pgrp == pgid and state not in ("Z", "X"):
-            members.append(int(entry))
     return members
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        return state not in ("Z", "X")
-    except FileNotFoundError:
-        return False
-    except OSError:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
-
 
 def test_stdio_calc_server(caplog: pytest.LogCaptureFixture) -> None:
     """Tools are listed as function specs; results, tool errors, timeouts and stderr are reported.
@@ -418,7 +394,7 @@ def test_no_process_survives(caplog: pytest.LogCaptureFixture) -> None:
     ]
     assert len(children) == 2
     for pid in [*groups, *children]:
-        assert not process_alive(pid), f"process {pid} survived the host"
+        assert not pid_alive(pid), f"process {pid} survived the host"
     for pgid in groups:
         assert not group_members(pgid), f"process group {pgid} survived the host"
     assert logged(caplog, r"^mcp\[crasher\] server died: server process \d+ exited", logging.ERROR)

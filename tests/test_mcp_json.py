@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from daemon import Daemon, ask_in_background, base_config, free_port
+from daemon import Daemon, ask_in_background, base_config
 from tool_model import BIG_REPORT_CHARS, CALC_SERVER, MAX_TOOL_ROUNDS, SYSTEM_PROMPT, calc_servers
 
 
@@ -25,7 +25,7 @@ def test_mcp_json_keys(make_daemon: Callable[..., Daemon], tiny_model: Path) -> 
     3. ``envFile`` reaches the server's environment (the calc server prints it at start);
     4. an unknown per-server key is warned about, not fatal.
     """
-    config = base_config(tiny_model, free_port())
+    config = base_config(tiny_model, 0)
     del config["servers"]
     config["mcpServers"] = {
         "calc": calc("calc", allowedTools=["add", "echo", "subtract"], envFile="calc.env", note="mine"),
@@ -50,7 +50,7 @@ def test_mcp_json_keys(make_daemon: Callable[..., Daemon], tiny_model: Path) -> 
 
 def test_servers_and_mcp_servers_together_is_a_config_error(make_daemon: Callable[..., Daemon],
                                                              tiny_model: Path) -> None:  # fmt: skip
-    config = {**base_config(tiny_model, free_port()), "mcpServers": {}}
+    config = {**base_config(tiny_model, 0), "mcpServers": {}}
     daemon = make_daemon(config).start()
     assert daemon.wait_exit() == 2
     assert "'servers' and 'mcpServers' name the same thing" in daemon.log_text()
@@ -83,7 +83,7 @@ def test_result_cap_and_server_timeout_with_the_tool_model(make_daemon: Callable
     2. "Read me the big report." makes it call ``big``: the result is cut to 2,000 characters
        (logged), and the request is answered."""
     servers = {"calc": {**calc_servers()["calc"], "timeout": 1}}
-    config = base_config(tool_model, free_port(), servers=servers, system_prompt=SYSTEM_PROMPT, max_tokens=200,
+    config = base_config(tool_model, 0, servers=servers, system_prompt=SYSTEM_PROMPT, max_tokens=200,
                          tool_timeout_s=30, max_tool_rounds=MAX_TOOL_ROUNDS, max_tool_result_chars=2000)  # fmt: skip
     daemon = make_daemon(config).start().wait_serving()
     assert daemon.ask("Wait for 5 seconds.").status == 200

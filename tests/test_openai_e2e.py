@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import openai
 import pytest
 
-from daemon import Daemon, base_config, free_port, serving, sse_events
+from daemon import Daemon, base_config, serving, sse_events
 from mlx_lm.utils import load_tokenizer
 from tool_model import (
     BAD_MARKUP, BAD_MARKUP_PROMPT, BLANK_ANSWER, BLANK_PROMPT, INDENTED_ANSWER, INDENTED_PROMPT, MAX_TOOL_ROUNDS,
@@ -38,13 +38,13 @@ def client(daemon: Daemon, key: str = "unused", retries: int = 0) -> openai.Open
 
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[Daemon]:
-    with serving(tmp_path_factory.mktemp("plain"), base_config(tiny_model, free_port(), max_tokens=30)) as daemon:
+    with serving(tmp_path_factory.mktemp("plain"), base_config(tiny_model, 0, max_tokens=30)) as daemon:
         yield daemon
 
 
 def tool_config(model: Path, servers: dict, **overrides: Any) -> dict:
     return base_config(
-        model, free_port(), servers=servers, system_prompt=SYSTEM_PROMPT, max_tokens=200,
+        model, 0, servers=servers, system_prompt=SYSTEM_PROMPT, max_tokens=200,
         tool_timeout_s=TOOL_TIMEOUT_S, max_tool_rounds=MAX_TOOL_ROUNDS, **overrides,
     )  # fmt: skip
 
@@ -135,7 +135,7 @@ def test_bearer_key(make_daemon: Any, tiny_model: Path) -> None:
     """With ``api_key`` set (from the environment, like any secret), ``/`` and ``/v1/*`` need
     the key: a wrong or missing one is 401 in each endpoint's format; the key is never logged."""
     daemon = make_daemon(
-        base_config(tiny_model, free_port(), api_key="${LLM_KEY}", served_model_name="local-model"),
+        base_config(tiny_model, 0, api_key="${LLM_KEY}", served_model_name="local-model"),
         env={"LLM_KEY": KEY},
     ).start().wait_serving()
     with pytest.raises(openai.AuthenticationError):

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from daemon import base_config, free_port
+from daemon import base_config
 from tool_model import CALC_SERVER
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def write_config(folder: Path, model: Path | str, **overrides: object) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    config = base_config(model, free_port(), shutdown_timeout_s=120, **overrides)
+    config = base_config(model, 0, shutdown_timeout_s=120, **overrides)
     path = folder / "config.json"
     path.write_text(json.dumps(config))
     return path

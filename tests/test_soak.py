@@ -11,11 +11,11 @@ must not change.
 from __future__ import annotations
 
 import os
-import re
 import threading
 import time
-from pathlib import Path
 from typing import Callable
+
+import psutil
 
 from daemon import Daemon, cmdline
 
@@ -31,12 +31,11 @@ def sample(daemon: Daemon) -> dict[str, dict[str, int]]:
         role = cmdline(pid).removeprefix("llm-server: ")
         if role not in ("supervisor", "model-worker", "http"):
             continue
-        status = Path(f"/proc/{pid}/status").read_text()
-        fields = dict(re.findall(r"^(VmRSS|Threads):\s+(\d+)", status, re.M))
+        process = psutil.Process(pid)
         out[role] = {
-            "rss_kib": int(fields["VmRSS"]),
-            "threads": int(fields["Threads"]),
-            "fds": len(os.listdir(f"/proc/{pid}/fd")),
+            "rss_kib": process.memory_info().rss // 1024,
+            "threads": process.num_threads(),
+            "fds": process.num_fds(),
         }
     return out
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-from daemon import Daemon, assert_gone, base_config, free_port
+from daemon import Daemon, assert_gone, base_config
 from fake_hub import FakeHub
 
 SIGNAL_SERVER = Path(__file__).resolve().parent / "servers" / "signal_server.py"
@@ -124,7 +124,7 @@ def test_stop_during_a_download(make_daemon: Callable[..., Daemon], tmp_path: Pa
     3. exit 0 within seconds, no process left.
     """
     with FakeHub("acme/tiny", tiny_model, chunk_delay_s=10.0) as hub:
-        config = base_config("acme/tiny", free_port())
+        config = base_config("acme/tiny", 0)
         env = {"HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "0", "HF_HUB_CACHE": str(tmp_path / "hub")}
         daemon = make_daemon(config, env=env).start()
         assert hub.sending.wait(60), daemon.log_text()
@@ -149,7 +149,7 @@ def test_stop_while_a_distributed_group_loads(make_daemon: Callable[..., Daemon]
     """
     record = tmp_path / "signals.txt"
     distributed = {"hosts": ["127.0.0.1"], "ranks_per_host": 2, "mode": "tensor"}
-    config = base_config(tiny_model, free_port(), servers=signal_servers(record), distributed=distributed)
+    config = base_config(tiny_model, 0, servers=signal_servers(record), distributed=distributed)
     daemon = make_daemon(config, env={"LLM_SERVER_FAULT": "load-stall"}).start()
     daemon.wait_log("loading model", timeout=120)
     pid = recorded_pid(record)

@@ -14,9 +14,9 @@ from daemon import Daemon, sse_events
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory, tiny_model) -> Daemon:  # noqa: ANN001
-    from daemon import base_config, free_port
+    from daemon import base_config
 
-    made = Daemon(tmp_path_factory.mktemp("stream"), base_config(tiny_model, free_port(), max_tokens=40))
+    made = Daemon(tmp_path_factory.mktemp("stream"), base_config(tiny_model, 0, max_tokens=40))
     made.start().wait_serving()
     yield made
     made.kill_all()

@@ -19,7 +19,7 @@ import openai
 import pydantic
 import pytest
 
-from daemon import Daemon, base_config, free_port, serving, sse_events
+from daemon import Daemon, HttpResult, base_config, serving, sse_events
 
 SCHEMA = {
     "type": "object",
@@ -67,7 +67,7 @@ class Thing(pydantic.BaseModel):
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[Daemon]:
-    config = base_config(tiny_model, free_port(), max_tokens=120, max_batch_size=8)
+    config = base_config(tiny_model, 0, max_tokens=120, max_batch_size=8)
     with serving(tmp_path_factory.mktemp("structured"), config) as running:
         yield running
 
@@ -181,6 +181,19 @@ def test_plain_endpoint_format_schema_and_json(daemon: Daemon) -> None:
     jsonschema.validate(json.loads("".join(e.get("response", "") for e in events[:-1])), SCHEMA)
     answer = daemon.post_json({"prompt": "Anything.", "format": "json", "max_tokens": 400})
     assert answer.status == 200 and answer.json()["response"].startswith("{")
+
+
+def test_plain_endpoint_eight_at_once_sampled_all_validate(daemon: Daemon) -> None:
+    def one(i: int) -> HttpResult:
+        return daemon.post_json({"prompt": f"Thing {i}.", "format": SCHEMA, "temperature": 1.0})
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(one, range(8)))
+    texts = [a.json()["response"] for a in answers if a.status == 200]
+    assert len(texts) == 8
+    for text in texts:
+        jsonschema.validate(json.loads(text), SCHEMA)
+    assert len(set(texts)) > 1  # sampled: different walks through the grammar
 
 
 @pytest.mark.parametrize(("value", "fragment"), [({"not": {}}, "not"), (7, "format")])

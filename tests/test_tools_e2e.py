@@ -41,7 +41,7 @@ from tool_model import (
 
 def tool_config(model: Path, servers: dict, **overrides: object) -> dict:
     settings: dict = {"tool_timeout_s": TOOL_TIMEOUT_S, "max_tool_rounds": MAX_TOOL_ROUNDS, **overrides}
-    return base_config(model, free_port(), servers=servers, system_prompt=SYSTEM_PROMPT, max_tokens=200, **settings)
+    return base_config(model, 0, servers=servers, system_prompt=SYSTEM_PROMPT, max_tokens=200, **settings)
 
 
 def request_lines(daemon: Daemon, request_id: str) -> list[str]:

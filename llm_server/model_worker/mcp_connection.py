@@ -24,26 +24,14 @@ import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from typing import Any
 
 import anyio
-import httpx2
 import mcp_types as types
 from mcp.client.session import ClientSession, IncomingMessage
-from mcp.client.sse import sse_client
-from mcp.client.streamable_http import streamable_http_client
-from mcp.shared.exceptions import MCPError
 
 from ..common.servers import ServerSpec
-from .mcp_process import (
-    StartError,
-    StderrPump,
-    kill_group,
-    kill_group_now,
-    pid_alive,
-    stdio_parameters,
-    stdio_transport,
-)
+from .mcp_process import StderrPump, kill_group, kill_group_now, pid_alive
+from .mcp_transport import EofWatch, describe, list_tools, open_transport
 
 logger = logging.getLogger("llm_server.mcp")
 
@@ -51,9 +39,6 @@ CLIENT_INFO = types.Implementation(name="llm-server", version="0.1.0")
 # How often a live connection checks that its server process still exists. Closing stdout is
 # the fast signal, but a child that inherited stdout keeps it open after the server died.
 WATCH_INTERVAL_S = 0.5
-MAX_TOOL_PAGES = 100
-HTTP_TIMEOUT_S = 30.0
-HTTP_READ_TIMEOUT_S = 300.0
 
 
 class ServerState(enum.Enum):
@@ -202,9 +187,9 @@ class ServerRunner:
     async def _open_session(
         self, stack: AsyncExitStack, spec: ServerSpec, pump: StderrPump | None
     ) -> tuple[ClientSession, list[types.Tool]]:
-        read, write = await _open_transport(stack, spec, pump)
+        read, write = await open_transport(stack, spec, pump)
         session = ClientSession(
-            _EofWatch(read, self._on_eof),
+            EofWatch(read, self._on_eof),
             write,
             read_timeout_seconds=self.settings.startup_timeout_s,  # initialize, list_tools
             message_handler=self._on_message,
@@ -212,7 +197,7 @@ class ServerRunner:
         )
         await stack.enter_async_context(session)
         await session.initialize()
-        return session, await _list_tools(session)
+        return session, await list_tools(session)
 
     async def _watch(self, session: ClientSession) -> str:
         """Wait until the server dies or the host stops; return why."""
@@ -225,7 +210,7 @@ class ServerRunner:
                 self.mark_dead(f"server process {pid} exited")
             elif self._relist and self.state is ServerState.UP:
                 self._relist = False
-                self.tools = self._offered(await _list_tools(session))
+                self.tools = self._offered(await list_tools(session))
                 self.known_tools = frozenset(t.name for t in self.tools)
                 logger.info("mcp[%s] tool list changed: %d tools", self.name, len(self.tools))
                 self._on_change()
@@ -311,81 +296,3 @@ class ServerRunner:
         self.state = state
         if changed:
             self._on_change()
-
-
-async def _open_transport(stack: AsyncExitStack, spec: ServerSpec, pump: StderrPump | None) -> tuple[Any, Any]:
-    """Open the SDK client transport for a server; its contexts go on the caller's stack."""
-    if spec.transport == "stdio":
-        assert pump is not None
-        params = stdio_parameters(spec.command, spec.args, spec.env, spec.cwd)
-        return await stack.enter_async_context(stdio_transport(params, pump))
-    headers = dict(spec.headers)
-    if spec.transport == "sse":
-        return await stack.enter_async_context(sse_client(spec.url, headers=headers, timeout=HTTP_TIMEOUT_S))
-    client = httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(HTTP_TIMEOUT_S, read=HTTP_READ_TIMEOUT_S))
-    await stack.enter_async_context(client)
-    return await stack.enter_async_context(streamable_http_client(spec.url, http_client=client))
-
-
-async def _list_tools(session: ClientSession) -> list[types.Tool]:
-    """Every tool of the server, following `next_cursor` (bounded against a looping server)."""
-    tools: list[types.Tool] = []
-    cursor: str | None = None
-    for _ in range(MAX_TOOL_PAGES):
-        params = types.PaginatedRequestParams(cursor=cursor) if cursor else None
-        page = await session.list_tools(params=params)
-        tools.extend(page.tools)
-        if not page.next_cursor or page.next_cursor == cursor:
-            break
-        cursor = page.next_cursor
-    return tools
-
-
-class _EofWatch:
-    """The session's read stream, reporting when it ends (the server hung up or died)."""
-
-    def __init__(self, inner: Any, on_eof: Callable[[], None]) -> None:
-        self._inner = inner
-        self._on_eof = on_eof
-
-    @property
-    def last_context(self) -> Any:
-        return getattr(self._inner, "last_context", None)
-
-    async def receive(self) -> Any:
-        try:
-            return await self._inner.receive()
-        except (anyio.EndOfStream, anyio.ClosedResourceError):
-            self._on_eof()
-            raise
-
-    def __aiter__(self) -> _EofWatch:
-        return self
-
-    async def __anext__(self) -> Any:
-        try:
-            return await self._inner.__anext__()
-        except (StopAsyncIteration, anyio.ClosedResourceError):
-            self._on_eof()
-            raise
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
-    async def __aenter__(self) -> _EofWatch:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
-
-def describe(exc: BaseException) -> str:
-    """One line for the log: the first leaf of an exception group, with its type."""
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    if isinstance(exc, StartError):
-        return str(exc)
-    if isinstance(exc, MCPError):
-        return f"{exc.message} (MCP error {exc.code})"
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

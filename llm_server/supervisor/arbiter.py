@@ -33,8 +33,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import signal
-import socket
-import threading
 import time
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -44,10 +42,9 @@ from ..common.config import Config
 from ..common.exit_codes import STARTUP_EXIT, ExitCode
 from ..common.faults import Faults
 from ..common.protocol import Link, Linked, Listening, Notice, Ping, Pong, Ready, StartupFailed
-from ..common.sockets import bind_socket
 from .children import Child, Spawner, stop_child
 from .console import Console
-from .listen import answer_unavailable, take_backlog
+from .listen import Listener
 from .liveness import Liveness, RestartBudget
 from .log_file import LogHub
 from .signals import SignalQueue
@@ -71,9 +68,7 @@ class Arbiter:
         self.spawner = Spawner(config, hub, self.signals)
         self.worker: Child | None = None
         self.http: Child | None = None
-        self.sock: socket.socket | None = None  # bound at start, open until the very end
-        self.port = config.listening_port  # the port bound (``bind``)
-        self._backlog_answers: threading.Thread | None = None
+        self.listener = Listener(config.listening_host, config.listening_port)  # bound at start, open to the end
         self.state = State.STARTING
         self.stop_reason: str | None = None  # set by the first SIGTERM/SIGINT
         self.kill_now = False  # set by a signal after that
@@ -103,7 +98,7 @@ class Arbiter:
         """Start, serve until a signal or a fatal error, stop; return the exit code."""
         self.signals.install()
         try:
-            self.bind()
+            self.listener.bind()
             if not self.start_worker():
                 return self.shutdown(ExitCode.OK, self.stop_reason or "stopped during start-up")
             return self.watch()
@@ -113,19 +108,6 @@ class Arbiter:
         except Exception:  # a bug here still stops the children in order and flushes the log
             log.exception("internal error in the supervisor")
             return self.shutdown(ExitCode.INTERNAL, "internal error in the supervisor")
-
-    def bind(self) -> None:
-        """Take the port for the daemon's whole life, before anything loads: a busy port fails in
-        milliseconds, and nobody can take it while the model loads. (Bound, not yet listening:
-        connections are refused until the HTTP process listens, after the model is loaded.)"""
-        try:
-            self.sock = bind_socket(self.config.listening_host, self.config.listening_port)
-        except OSError as exc:
-            raise Fatal(
-                ExitCode.PORT,
-                f"cannot listen on {self.config.listening_host}:{self.config.listening_port}: {exc.strerror or exc}",
-            ) from None
-        self.port = self.sock.getsockname()[1]  # the bound port (the config may say 0)
 
     def start_worker(self) -> bool:
         """Spawn the worker and wait for ``Ready``; then link it to the HTTP process (started
@@ -172,8 +154,8 @@ class Arbiter:
                 self.worker.send(Link(worker_end))
             # The HTTP process needs no MCP server settings (and so never holds their secrets); it
             # is told the bound port (the config may say 0, any free port).
-            config = dataclasses.replace(self.config, servers={}, listening_port=self.port)
-            self.http = self.spawner.spawn("http", HTTP_ENTRY, worker_link, config, self.sock)
+            config = dataclasses.replace(self.config, servers={}, listening_port=self.listener.port)
+            self.http = self.spawner.spawn("http", HTTP_ENTRY, worker_link, config, self.listener.sock)
             listening = self.await_message(self.http, Listening)
         finally:
             if worker_end is not None:
@@ -192,7 +174,7 @@ class Arbiter:
         self._serving()
 
     def _serving(self) -> None:
-        address = f"http://{self.config.listening_host}:{self.port}"
+        address = f"http://{self.config.listening_host}:{self.listener.port}"
         log.info("serving on %s", address)
         self.console.say(f"listening on {address} (model {self.config.model_name}, {self.tools} tool(s))")
         self._enter(State.SERVING)
@@ -335,14 +317,13 @@ class Arbiter:
         if self.http is not None:
             stop_child(self.http, self.config.shutdown_timeout_s + 5, self.signals.wake_fd, self, self.hub)
             self.http = None
-        self.close_listener()
+        self.listener.close()
         log.info("shutdown: step 2/3: stopping the model worker (unload model, stop MCP servers)")
         self.console.say("stopping the model worker: unloading the model, stopping MCP servers")
         if self.worker is not None:
             stop_child(self.worker, self.config.shutdown_timeout_s + 30, self.signals.wake_fd, self, self.hub)
             self.worker = None
-        if self._backlog_answers is not None:
-            self._backlog_answers.join(5.0)
+        self.listener.join(5.0)
         log.info("shutdown: step 3/3: all children exited; exiting with code %d", int(code))
         self.console.say(f"stopped (exit code {int(code)})")
         return int(code)
@@ -352,18 +333,4 @@ class Arbiter:
         meanwhile gets 503 (its "stopped accepting" goes first in the log)."""
         if self.state is State.STOPPING:
             self.hub.flush(1.0)
-            self.close_listener()
-
-    def close_listener(self) -> None:
-        """Close the socket for good; connections the kernel already accepted into its backlog
-        are taken first and answered 503 (on a thread: a slow client must not hold up the stop)."""
-        if self.sock is None:
-            return
-        sock, self.sock = self.sock, None
-        waiting = take_backlog(sock)
-        log.info("listener closed: %d waiting connection(s) answered 503", len(waiting))
-        if waiting:
-            self._backlog_answers = threading.Thread(
-                target=answer_unavailable, args=(waiting,), name="backlog-503", daemon=True
-            )
-            self._backlog_answers.start()
+            self.listener.close()

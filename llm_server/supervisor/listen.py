@@ -11,8 +11,55 @@ and ``answer_unavailable`` answers each with a 503 JSON error: nothing the kerne
 from __future__ import annotations
 
 import json
+import logging
 import socket
+import threading
 import uuid
+
+from ..common.exit_codes import ExitCode
+from ..common.sockets import bind_socket
+from .states import Fatal
+
+log = logging.getLogger("llm_server.supervisor")
+
+
+class Listener:
+    """The socket from ``bind`` to ``close``, and the thread answering its backlog."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port  # the bound port once bound (the config may say 0)
+        self.sock: socket.socket | None = None
+        self._answers: threading.Thread | None = None
+
+    def bind(self) -> None:
+        """Take the port for the daemon's whole life, before anything loads: a busy port fails in
+        milliseconds, and nobody can take it while the model loads. (Bound, not yet listening:
+        connections are refused until the HTTP process listens, after the model is loaded.)"""
+        try:
+            self.sock = bind_socket(self.host, self.port)
+        except OSError as exc:
+            raise Fatal(ExitCode.PORT, f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}") from None
+        self.port = self.sock.getsockname()[1]
+
+    def close(self) -> None:
+        """Close the socket for good; connections the kernel already accepted into its backlog
+        are taken first and answered 503 (on a thread: a slow client must not hold up the stop)."""
+        if self.sock is None:
+            return
+        sock, self.sock = self.sock, None
+        waiting = take_backlog(sock)
+        log.info("listener closed: %d waiting connection(s) answered 503", len(waiting))
+        if waiting:
+            self._answers = threading.Thread(
+                target=answer_unavailable, args=(waiting,), name="backlog-503", daemon=True
+            )
+            self._answers.start()
+
+    def join(self, timeout: float) -> None:
+        """Wait (a bounded time) for the backlog's answers to be sent."""
+        if self._answers is not None:
+            self._answers.join(timeout)
 
 
 def take_backlog(sock: socket.socket) -> list[socket.socket]:

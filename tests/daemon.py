@@ -339,10 +339,12 @@ def serving(workdir: Path, config: dict[str, Any], timeout: float = 90.0) -> Ite
 
 
 def sse_events(daemon: Daemon, path: str, document: Any, headers: dict[str, str] | None = None,
-               stop_after: int | None = None, timeout: float = 120.0) -> tuple[int, dict[str, str], list[Any]]:
+               stop_after: int | None = None, timeout: float = 120.0,
+               named: bool = False) -> tuple[int, dict[str, str], list[Any]]:  # fmt: skip
     """POST ``document`` and read the Server-Sent Events answer: (status, headers, events), each
-    event's ``data`` decoded from JSON (``[DONE]`` kept as the string). With ``stop_after``, the
-    connection is closed after that many events (a client that goes away mid-stream)."""
+    event's ``data`` decoded from JSON (``[DONE]`` kept as the string); ``named``: each event as
+    (its ``event:`` name or None, data). With ``stop_after``, the connection is closed after that
+    many events (a client that goes away mid-stream)."""
     conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=timeout)
     try:
         conn.request("POST", path, body=json.dumps(document).encode(),
@@ -352,14 +354,19 @@ def sse_events(daemon: Daemon, path: str, document: Any, headers: dict[str, str]
         if not head.get("content-type", "").startswith("text/event-stream"):
             return response.status, head, [json.loads(response.read())]
         events: list[Any] = []
+        name = None
         while stop_after is None or len(events) < stop_after:
             line = response.readline()
             if not line:
                 break
             line = line.rstrip(b"\r\n")
-            if line.startswith(b"data: "):
+            if line.startswith(b"event: "):
+                name = line[len(b"event: "):].decode()
+            elif line.startswith(b"data: "):
                 data = line[len(b"data: "):].decode()
-                events.append(data if data == "[DONE]" else json.loads(data))
+                value = data if data == "[DONE]" else json.loads(data)
+                events.append((name, value) if named else value)
+                name = None
         return response.status, head, events
     finally:
         conn.close()

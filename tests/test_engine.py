@@ -106,7 +106,7 @@ def test_per_request_settings_share_the_batch_and_stream(engines: dict[str, Engi
     assert got[0].tokens != reference[0].tokens
     assert got[1].tokens == reference[1].tokens
     first_stop = next(i for i, t in enumerate(reference[2].tokens) if engine.tokenizer.decode([t]) == stop_word)
-    assert got[2].finish_reason == "stop" and got[2].tokens == reference[2].tokens[:first_stop]
+    assert got[2].finish_reason == "stop" and got[2].tokens == reference[2].tokens[: first_stop + 1]
     alone = result(engine.submit(ids(engine, PROMPTS[2]), 40, None, (stop_word,)))
     assert alone.tokens == got[2].tokens and alone.finish_reason == "stop"
 

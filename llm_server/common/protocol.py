@@ -50,6 +50,7 @@ class Options:
     temperature: float | None = None
     top_p: float | None = None
     min_p: float | None = None
+    top_k: int | None = None  # 0: no top-k cut
     stop: tuple[str, ...] = ()  # stop words (not part of the answer)
     client_tools: tuple[dict[str, Any], ...] = ()  # OpenAI function specs the client runs itself
     use_tools: bool = True  # False (tool_choice "none"): no tools offered at all
@@ -59,6 +60,8 @@ class Options:
     answer_schema: dict[str, Any] | None = None  # the answer is JSON valid against it (checked by the HTTP process)
     call_required: bool = False  # tool_choice "required": the first round is tool calls only
     call_name: str | None = None  # tool_choice names a tool: the first round calls it
+    count_only: bool = False  # generate nothing: the Reply's stats count the prompt's tokens
+    reasoning: bool = False  # the client is shown the model's reasoning (``Reply.reasoning``, reasoning ``Delta``s)
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,7 @@ class Delta:
 
     request_id: str
     text: str
+    reasoning: bool = False  # a piece of the model's reasoning, not of its answer
 
 
 @dataclass(frozen=True)
@@ -120,6 +124,8 @@ class Reply:
     stats: GenerationStats = field(default_factory=GenerationStats)
     finish_reason: str = "stop"  # "stop", "length" or "tool_calls"
     tool_calls: tuple[ClientToolCall, ...] = ()
+    reasoning: str = ""  # the model's reasoning, when ``Options.reasoning`` asked for it
+    stop_word: str | None = None  # the stop word (``Options.stop``) that ended the answer
 
 
 @dataclass(frozen=True)

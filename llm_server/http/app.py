@@ -28,8 +28,10 @@ from ..common.config import Config
 from ..common.protocol import Delta, Failure, Listening, Reply, http_status
 from . import browser
 from .answers import error_response, log_response, name_request
+from .dialects.anthropic_messages import AnthropicCountTokens, AnthropicMessages
 from .dialects.base import Begin, Dialect, Turn
 from .dialects.openai_chat import OpenAIChat
+from .dialects.openai_responses import OpenAIResponses
 from .dialects.plain import Plain
 from .gateway import Gateway
 from .validation import BadRequest
@@ -37,10 +39,11 @@ from .validation import BadRequest
 log = logging.getLogger("llm_server.http")
 
 # The protocols, each a POST route; the first one's errors are those of paths no other claims.
-DIALECTS: tuple[type[Dialect], ...] = (Plain, OpenAIChat)
+DIALECTS: tuple[type[Dialect], ...] = (Plain, AnthropicCountTokens, AnthropicMessages, OpenAIResponses, OpenAIChat)
 MAX_BODY_BYTES = 10_000_000  # "10 MB": larger bodies get 413, with or without Content-Length
 RESPONSE_TIMEOUT_SLACK_S = 10.0  # Sanic's own timeout only backs up ours (request_timeout_s)
 SHUTTING_DOWN = "the server is shutting down; retry shortly"
+IDLE_S = 2.0  # a stream silent this long gets the dialect's keep-alive event (Anthropic's ping)
 STREAM_END_S = 5.0  # how long the last event of a timed-out stream may take to write
 OPENAPI = json.loads(resources.files(__package__).joinpath("openapi.json").read_text(encoding="utf-8"))
 
@@ -146,9 +149,12 @@ def _generation_route(dialect: Dialect, begin: Begin, gateway: Gateway, timeout_
         try:
             turn = dialect.parse(request.body, request_id)
         except BadRequest as exc:
-            return error_response(dialect, request_id, 400, str(exc), exc.param, started)
+            return error_response(dialect, request_id, exc.status, str(exc), exc.param, started)
         turns.append(turn)
-        async with contextlib.aclosing(gateway.ask(request_id, turn.messages, turn.options)) as replies:
+        idle_s = IDLE_S if turn.options.stream and turn.idle() else None
+        async with contextlib.aclosing(_ticking(gateway.ask(request_id, turn.messages, turn.options), idle_s)) as replies:
+            # A stream whose dialect keeps it alive opens after idle_s even with nothing to send
+            # yet (a first round of server-side tool calls shows nothing): pings then hold it.
             first = await anext(replies)
             if isinstance(first, Failure):
                 return error_response(dialect, request_id, http_status(first.category), first.message,
@@ -165,7 +171,9 @@ def _generation_route(dialect: Dialect, begin: Begin, gateway: Gateway, timeout_
             for event in turn.opening():
                 await response.send(event)
             async for message in _chain(first, replies):
-                if isinstance(message, Delta):
+                if message is None:  # nothing new for idle_s: a server-side tool is running
+                    await response.send(turn.idle())
+                elif isinstance(message, Delta):
                     await response.send(turn.piece(message))
                 elif isinstance(message, Reply):
                     for event in turn.end(message):
@@ -213,10 +221,32 @@ def _stats_detail(reply: Reply) -> str:
     )
 
 
-async def _chain(first: Delta | Reply | Failure, rest: AsyncIterator[Delta | Reply | Failure]) -> AsyncIterator[Any]:
+async def _chain(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
     yield first
     async for message in rest:
         yield message
+
+
+async def _ticking(messages: AsyncIterator[Delta | Reply | Failure], idle_s: float | None) -> AsyncIterator[Any]:
+    """The messages, with None after every ``idle_s`` without one (when set)."""
+    async with contextlib.aclosing(messages):
+        while True:
+            step = asyncio.ensure_future(_next(messages))
+            try:
+                while not (await asyncio.wait({step}, timeout=idle_s))[0]:
+                    yield None
+                message = step.result()
+            except StopAsyncIteration:
+                return
+            finally:
+                if not step.done():  # closed while waiting: the gateway's generator is let go first
+                    step.cancel()
+                    await asyncio.wait({step})
+            yield message
+
+
+async def _next(rest: AsyncIterator[Any]) -> Any:
+    return await anext(rest)
 
 
 def _dumps(value: Any, **kwargs: Any) -> str:

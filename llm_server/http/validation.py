@@ -18,11 +18,13 @@ from ..common.values import is_integer, is_number
 
 
 class BadRequest(ValueError):
-    """The body cannot be served; the message goes back to the client (``param``: the field)."""
+    """The body cannot be served; the message goes back to the client (``param``: the field),
+    with ``status`` 400, or 404 for what it names that does not exist (a stored response)."""
 
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
         super().__init__(message)
         self.param = param
+        self.status = status
 
 
 def _reject_constant(name: str) -> Any:

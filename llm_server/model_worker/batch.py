@@ -20,8 +20,9 @@ log = logging.getLogger("llm_server.engine")
 class Batch:
     """The ``BatchGenerator`` and the jobs in it, by uid."""
 
-    def __init__(self, generator: Any, prompt_cache: PromptCache, finish: Finish) -> None:
+    def __init__(self, generator: Any, prompt_cache: PromptCache, finish: Finish, eos: frozenset[int]) -> None:
         self.generator = generator
+        self._eos = eos
         self.active: dict[int, Job] = {}  # in the batch, by uid
         self._prompt_cache = prompt_cache
         self._finish = finish
@@ -88,7 +89,9 @@ class Batch:
             job = active.get(response.uid)
             if job is None:
                 continue
-            if response.finish_reason != "stop":
+            if response.finish_reason != "stop" or (job.stops and response.token not in self._eos):
+                # A stop word's last token is kept (unlike EOS): the text reader sees the word,
+                # strips it and knows which one it was (the Messages API reports it).
                 job.tokens.append(response.token)
                 if job.on_token is not None:
                     job.on_token(response.token)

@@ -158,7 +158,7 @@ class Engine:
             self._solo_allowed = loaded.solo_allowed
             self._grammars = Grammars(loaded.tokenizer, loaded.eos)
             prompt_cache = loaded.prompt_cache
-            batch = Batch(loaded.generator, prompt_cache, self._finish)
+            batch = Batch(loaded.generator, prompt_cache, self._finish, loaded.eos)
             solo_path = SoloPath(
                 loaded.model, loaded.stream, loaded.eos, batch, prompt_cache, self._finish, self._prefilled
             )
@@ -278,6 +278,7 @@ class Engine:
                         top_p=job.sampling.top_p,
                         min_p=job.sampling.min_p,
                         min_tokens_to_keep=job.sampling.min_tokens_to_keep,
+                        top_k=job.sampling.top_k,
                     )
             if job.stop_words:
                 job.stops = make_stop_sequences(self.tokenizer, list(job.stop_words))

@@ -36,6 +36,7 @@ class SamplingSettings:
     top_p: float
     min_p: float
     min_tokens_to_keep: int
+    top_k: int = 0
 
 
 @dataclass(frozen=True)

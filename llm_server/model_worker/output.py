@@ -83,11 +83,15 @@ class TextReader:
         self._keep_malformed = keep_malformed
         self._tools = list(tools or [])
         self._state = _machine(tokenizer, tuple(stop_words)).make_state(start)
+        self._stop_words = tuple(stop_words)
+        self.stop_word: str | None = None  # the stop word that ended the text, once one has
         self._in = start
         self._tool_text = ""
         self.calls: list[ToolCall] = []
         self.malformed: list[str] = []
         self._shown: list[str] = []
+        self._thought: list[str] = []  # the round's reasoning text
+        self._taken = 0  # how much of it ``take_reasoning`` has handed out
 
     @property
     def content(self) -> str:
@@ -103,8 +107,22 @@ class TextReader:
         """Take more text; return the visible text it made certain."""
         if self.stopped:
             return ""
+        pending = self._state[3] + text
         self._state, segments = TextStateMachine.split(self._state, text)
+        if self.stopped:  # the machine stops at the first stop word to end in the text
+            ends = {word: pending.find(word) + len(word) for word in self._stop_words if word in pending}
+            self.stop_word = min(ends, key=lambda word: (ends[word], -len(word)), default=None)
         return self._route(segments)
+
+    @property
+    def reasoning(self) -> str:
+        """The round's reasoning so far, exactly as written between the markers."""
+        return "".join(self._thought)
+
+    def take_reasoning(self) -> str:
+        """The reasoning read since the last call (for a stream)."""
+        taken, self._taken = self._thought[self._taken :], len(self._thought)
+        return "".join(taken)
 
     def finish(self, finish_reason: str) -> str:
         """The round ended: held-back text is shown after a length cut (it was no marker), and
@@ -131,6 +149,8 @@ class TextReader:
                 self._shown.append(text)
             elif state == "tool":
                 self._tool_text += text
+            elif state == "reasoning" and text:
+                self._thought.append(text)
             self._in = state or self._in
         return "".join(visible)
 

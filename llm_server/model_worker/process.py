@@ -266,8 +266,8 @@ class Worker:
         on_text = None
         if request.options.stream:
 
-            def on_text(text: str) -> None:
-                http.send_soon(Delta(request_id, text))  # the same ordered sender as the Reply
+            def on_text(text: str, reasoning: bool) -> None:
+                http.send_soon(Delta(request_id, text, reasoning))  # the same ordered sender as the Reply
 
         try:
             answer = await self.loop_.answer(template_messages(request.messages), request.options, on_text)
@@ -288,7 +288,9 @@ class Worker:
             log.exception("generation failed")
             await http.send(Failure(request_id, FailureCategory.INTERNAL, f"generation failed: {exc}"))
             return
-        await http.send(Reply(request_id, answer.text, answer.stats, answer.finish_reason, answer.tool_calls))
+        reasoning = answer.reasoning if request.options.reasoning else ""
+        await http.send(Reply(request_id, answer.text, answer.stats, answer.finish_reason, answer.tool_calls, reasoning,
+                              answer.stop_word))  # fmt: skip
 
     async def _fail_open_requests(self, why: str) -> None:
         """After the engine's death: requests whose generation failed answer on their own within

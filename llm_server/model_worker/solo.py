@@ -83,6 +83,10 @@ class SoloPath:
         solo.fed.append(token)  # generate_step has already fed it to the model
         if solo.stops.advance(token) if solo.stops is not None else token in self.eos:
             reason = "stop"
+            if token not in self.eos:  # a stop word's last token: kept, as the batch keeps it
+                job.tokens.append(token)
+                if job.on_token is not None:
+                    job.on_token(token)
         else:
             job.tokens.append(token)
             if job.on_token is not None:

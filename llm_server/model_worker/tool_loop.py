@@ -34,6 +34,8 @@ from .structure import round_grammar
 
 log = logging.getLogger("llm_server.model_worker")
 
+OnText = Callable[[str, bool], None]  # a streamed piece: (text, whether it is reasoning)
+
 
 class PromptTooLong(Exception):
     """The user's prompt does not fit the model's context window (the client's fault: 400)."""
@@ -70,6 +72,8 @@ class Answer:
     stats: GenerationStats
     finish_reason: str = "stop"  # "stop", "length" or "tool_calls"
     tool_calls: tuple[ClientToolCall, ...] = ()  # calls of the client's tools, for it to run
+    reasoning: str = ""  # every round's reasoning, when the client asked to see it
+    stop_word: str | None = None  # the stop word that ended the answer
 
 
 class ToolLoop:
@@ -94,15 +98,17 @@ class ToolLoop:
         self._renderer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="render")
 
     async def answer(
-        self, messages: list[Message], options: Options, on_text: Callable[[str], None] | None = None
+        self, messages: list[Message], options: Options, on_text: OnText | None = None
     ) -> Answer:
-        """Answer ``messages`` (the whole conversation); ``on_text`` gets visible text as it comes."""
+        """Answer ``messages`` (the whole conversation); ``on_text`` gets visible text as it
+        comes, and reasoning (flagged) when ``options.reasoning`` asks for it."""
         started = time.monotonic()
         tokenizer = self.engine.tokenizer
         client_tools = list(options.client_tools) if options.use_tools else []
         client_names = {tool["function"]["name"] for tool in client_tools}
         sampling = self._sampling(options)
         visible = VisibleText(options.verbatim)
+        thought: list[str] = []
         rounds = calls_made = completion_tokens = 0
         prompt_tokens = cached_tokens = 0
         overflowed = False
@@ -115,6 +121,8 @@ class ToolLoop:
             if limit_reached and rounds and not overflowed:
                 log.info("tool round limit (%d) reached: answering without tools", self.max_tool_rounds)
             ids = await asyncio.get_running_loop().run_in_executor(self._renderer, render, tokenizer, messages, tools)
+            if options.count_only:  # the first round's prompt, as a generation would pay for it
+                return Answer("", GenerationStats(prompt_tokens=len(ids), seconds=time.monotonic() - started))
             try:
                 budget = self._budget(len(ids), options, first=rounds == 0)
             except ContextExhausted:
@@ -134,6 +142,7 @@ class ToolLoop:
             reader = RoundReader(tokenizer, ids, tools, options.stop, keep_malformed=options.verbatim)
             visible.new_round()
             completion = await self._generate(ids, budget, sampling, options, grammar, reader, visible, on_text)
+            thought.append(reader.reasoning)
             completion_tokens += completion.completion_tokens
             cached_tokens += completion.cached_tokens
             for body in reader.malformed:
@@ -146,7 +155,8 @@ class ToolLoop:
                 )
 
             if not reader.calls or tools is None:
-                return Answer(visible.text, stats(), "length" if completion.finish_reason == "length" else "stop")
+                finish = "length" if completion.finish_reason == "length" else "stop"
+                return Answer(visible.text, stats(), finish, reasoning="".join(thought), stop_word=reader.stop_word)
             # A call the daemon cannot run goes to the client when it can be handed one (OpenAI):
             # never answered behind its back. (POST / has no such turn: the model is told.)
             unknown = {c.name for c in reader.calls if c.name not in client_names and not self.host.runs(c.name)}
@@ -161,7 +171,7 @@ class ToolLoop:
                     log.warning("the model called %s, offered by no MCP server nor the client: returned to the client",
                                 ", ".join(repr(name) for name in sorted(unknown)))  # fmt: skip
                 log.info("returning %d call(s) of the client's tools", len(calls))
-                return Answer(visible.text, stats(), "tool_calls", calls)
+                return Answer(visible.text, stats(), "tool_calls", calls, "".join(thought))
             rounds += 1
             messages.append(assistant_message(reader.content, reader.calls))
             for call in reader.calls:
@@ -180,13 +190,14 @@ class ToolLoop:
 
     def _sampling(self, options: Options) -> SamplingSettings | None:
         """The request's own sampling settings, or None for the config's."""
-        if options.temperature is None and options.top_p is None and options.min_p is None:
+        if options.temperature is None and options.top_p is None and options.min_p is None and options.top_k is None:
             return None
         return SamplingSettings(
             self.sampling.temperature if options.temperature is None else options.temperature,
             self.sampling.top_p if options.top_p is None else options.top_p,
             self.sampling.min_p if options.min_p is None else options.min_p,
             self.sampling.min_tokens_to_keep,
+            self.sampling.top_k if options.top_k is None else options.top_k,
         )
 
     def _budget(self, prompt_len: int, options: Options, first: bool) -> int:
@@ -222,8 +233,8 @@ class ToolLoop:
                 if reader.stopped:
                     return
                 piece = visible.push(reader.add((token,)))
-                if piece and on_text is not None:
-                    on_text(piece)
+                if on_text is not None:
+                    _show(piece, reader, options, on_text)
                 if reader.stopped and future is not None:
                     self.engine.finish_early(future)
 
@@ -239,8 +250,8 @@ class ToolLoop:
         if on_token is None:
             visible.push(reader.add(completion.tokens))  # decoded here, not on the MLX thread
         piece = visible.push(reader.close(completion.finish_reason))
-        if piece and on_text is not None:
-            on_text(piece)
+        if on_text is not None:
+            _show(piece, reader, options, on_text)
         if reader.stopped:
             completion = dataclasses.replace(completion, finish_reason="stop")
         return completion
@@ -248,3 +259,12 @@ class ToolLoop:
     async def _call(self, call: ToolCall) -> ToolResultLike:
         """One tool call; the host logs it and turns every failure into readable text."""
         return await self.host.call_tool(call.name, call.arguments)
+
+
+def _show(piece: str, reader: RoundReader, options: Options, on_text: OnText) -> None:
+    """Stream what a token made: its reasoning first (when the client sees reasoning), then text."""
+    thought = reader.take_reasoning()
+    if thought and options.reasoning:
+        on_text(thought, True)
+    if piece:
+        on_text(piece, False)

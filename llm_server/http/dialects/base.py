@@ -64,6 +64,11 @@ class Turn(ABC):
         """What ends every stream, after its end or its failure ("" for nothing)."""
         return ""
 
+    def idle(self) -> str:
+        """The keep-alive event for a stream that has had nothing to send for a while, as while
+        a server-side tool runs ("": none)."""
+        return ""
+
 
 class Dialect(ABC):
     """One protocol: its generation route, its request parser and its error shape."""

@@ -22,6 +22,7 @@ from ...common.grammars import ANY_OBJECT
 from ..validation import BadRequest, Fields, decode_object, schema_field, text_field
 from . import openai_models
 from .base import Begin, Dialect, Turn, sse
+from .tools import assistant_call, check_function, tool_objects
 from .openai_shapes import chunk_body, completion_body, error_body, tool_calls_body, usage_body
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -136,48 +137,24 @@ def _assistant_calls(value: Any, where: str) -> list[dict[str, Any]]:
         function = call.get("function") if isinstance(call, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
             raise BadRequest(f"'{at}.function.name' must be a string", f"{at}.function.name")
-        arguments = function.get("arguments", "{}")
-        try:
-            parsed = json.loads(arguments) if isinstance(arguments, str) else None
-        except ValueError:
-            parsed = None
-        if not isinstance(parsed, dict):
-            raise BadRequest(f"'{at}.function.arguments' must be a JSON object in a string", f"{at}.function.arguments")
-        calls.append(
-            {
-                "id": str(call.get("id") or f"call_{i}"),
-                "type": "function",
-                "function": {"name": function["name"], "arguments": arguments},
-            }
-        )
+        call_id = str(call.get("id") or f"call_{i}")
+        calls.append(assistant_call(call_id, function["name"], function.get("arguments", "{}"), f"{at}.function.arguments"))
     return calls
 
 
 def _tools(value: Any) -> tuple[dict[str, Any], ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, list):
-        raise BadRequest("'tools' must be an array", "tools")
-    tools, names = [], set()
-    for i, tool in enumerate(value):
-        where = f"tools[{i}]"
-        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
+    tools: list[dict[str, Any]] = []
+    names: set[str] = set()
+    for where, tool in tool_objects(value):
+        if tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
             raise BadRequest(f'\'{where}\' must be {{"type": "function", "function": {{...}}}}', where)
         function = tool["function"]
-        name = function.get("name")
-        if not isinstance(name, str) or not _TOOL_NAME.match(name):
+        if not isinstance(function.get("name"), str) or not _TOOL_NAME.match(function["name"]):
             raise BadRequest(
                 f"'{where}.function.name' must be 1 to 64 of A-Z, a-z, 0-9, _ and -", f"{where}.function.name"
             )
-        if name in names:
-            raise BadRequest(f"'{where}.function.name': {name!r} is offered twice", f"{where}.function.name")
-        names.add(name)
-        if not isinstance(function.get("parameters", {}), dict):
-            raise BadRequest(
-                f"'{where}.function.parameters' must be a JSON Schema object", f"{where}.function.parameters"
-            )
-        if function.get("strict") is True:  # its calls' arguments are constrained to the schema
-            schema_field(function.get("parameters", {}), f"{where}.function.parameters")
+        check_function(names, function["name"], f"{where}.function.name", function.get("parameters", {}),
+                       f"{where}.function.parameters", function.get("strict"))  # fmt: skip
         tools.append(tool)  # as sent: the chat template shows the model what the client wrote
     return tuple(tools)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Annotated, Iterator, Literal
+from typing import Annotated, Any, Iterator, Literal
 
 import httpx2
 import jsonschema
@@ -231,3 +231,116 @@ def test_pydantic_ai_agent_gets_its_model(daemon: Daemon, mode: str) -> None:
 
 async def _record(request: httpx2.Request, sent: list[dict]) -> None:
     sent.append(json.loads(request.content))
+
+
+# --- the coding agents' dialects: Anthropic Messages and OpenAI Responses ----------------------
+
+
+class Pick(pydantic.BaseModel):
+    """For the anthropic SDK's ``parse``: it moves numeric and length bounds out of the schema it
+    sends (into descriptions, as Anthropic's API wants), so a model with bounds would be checked
+    by the SDK against bounds the grammar was never given."""
+
+    color: Literal["red", "green", "blue"]
+    ok: bool
+
+
+def anthropic_client(daemon: Daemon) -> Any:
+    import anthropic
+
+    return anthropic.Anthropic(base_url=f"http://127.0.0.1:{daemon.port}", api_key="unused", max_retries=0)
+
+
+def as_anthropic(tool: dict) -> dict:
+    function = tool["function"]
+    return {"name": function["name"], "description": function.get("description", ""),
+            "input_schema": function["parameters"]}  # fmt: skip
+
+
+def as_responses(tool: dict) -> dict:
+    return {"type": "function", **tool["function"]}
+
+
+SCHEMAS = {tool["function"]["name"]: tool["function"]["parameters"] for tool in (ADD, ECHO)}
+MESSAGES_SCHEMA = {"format": {"type": "json_schema", "schema": SCHEMA}}
+HOT = {"temperature": 1.0}  # the anthropic SDK has no sampling arguments of its own any more: sent as the API takes them
+RESPONSES_SCHEMA = {"format": {"type": "json_schema", "name": "thing", "schema": SCHEMA, "strict": True}}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_messages_output_format_validates(daemon: Daemon, stream: bool) -> None:
+    fields = dict(model="m", max_tokens=120, messages=ASK, extra_body=HOT, output_config=MESSAGES_SCHEMA)
+    if stream:
+        with anthropic_client(daemon).messages.stream(**fields) as events:
+            message = events.get_final_message()
+    else:
+        message = anthropic_client(daemon).messages.create(**fields)
+    assert message.stop_reason == "end_turn"
+    jsonschema.validate(json.loads(message.content[0].text), SCHEMA)
+
+
+def test_messages_parse_with_a_pydantic_model(daemon: Daemon) -> None:
+    message = anthropic_client(daemon).messages.parse(model="m", max_tokens=120, messages=ASK, output_format=Pick,
+                                                      extra_body=HOT)  # fmt: skip
+    assert isinstance(message.parsed_output, Pick)
+
+
+@pytest.mark.parametrize("choice", [{"type": "any"}, {"type": "tool", "name": "add"}], ids=["any", "named"])
+def test_messages_forced_tool_choice_calls_with_valid_input(daemon: Daemon, choice: dict) -> None:
+    message = anthropic_client(daemon).messages.create(
+        model="m", max_tokens=CALLS_ROOM, messages=ASK, extra_body=HOT, tool_choice=choice,
+        tools=[as_anthropic(ADD), as_anthropic(ECHO)],
+    )  # fmt: skip
+    calls = [block for block in message.content if block.type == "tool_use"]
+    assert message.stop_reason == "tool_use" and calls
+    for call in calls:
+        assert call.name == choice.get("name", call.name)
+        jsonschema.validate(call.input, SCHEMAS[call.name])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_responses_text_format_validates(daemon: Daemon, stream: bool) -> None:
+    fields = dict(model="m", input="Describe a thing.", temperature=1.0, text=RESPONSES_SCHEMA)
+    if stream:
+        with client(daemon).responses.stream(**fields) as events:
+            response = events.get_final_response()
+    else:
+        response = client(daemon).responses.create(**fields)
+    assert response.status == "completed"
+    jsonschema.validate(json.loads(response.output_text), SCHEMA)
+
+
+def test_responses_parse_with_a_pydantic_model(daemon: Daemon) -> None:
+    response = client(daemon).responses.parse(model="m", input="Describe a thing.", text_format=Thing, temperature=1.0)
+    assert isinstance(response.output_parsed, Thing)
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "name": "add"}], ids=["required", "named"])
+def test_responses_forced_tool_choice_calls_with_valid_arguments(daemon: Daemon, choice: Any) -> None:
+    response = client(daemon).responses.create(
+        model="m", input="Describe a thing.", temperature=1.0, tool_choice=choice, max_output_tokens=CALLS_ROOM,
+        tools=[as_responses(ADD), as_responses(ECHO)],
+    )  # fmt: skip
+    calls = [item for item in response.output if item.type == "function_call"]
+    assert response.status == "completed" and calls
+    for call in calls:
+        assert call.name == (choice["name"] if isinstance(choice, dict) else call.name)
+        jsonschema.validate(json.loads(call.arguments), SCHEMAS[call.name])
+
+
+def test_both_dialects_eight_at_once_sampled_all_validate(daemon: Daemon) -> None:
+    """Four Messages and four Responses requests at once, in one batch: every answer validates."""
+
+    def one(i: int) -> str:
+        if i % 2:
+            return client(daemon).responses.create(model="m", input=f"Thing {i}.", temperature=1.0,
+                                                   text=RESPONSES_SCHEMA).output_text  # fmt: skip
+        return anthropic_client(daemon).messages.create(
+            model="m", max_tokens=120, messages=[{"role": "user", "content": f"Thing {i}."}], extra_body=HOT,
+            output_config=MESSAGES_SCHEMA,
+        ).content[0].text  # fmt: skip
+
+    with ThreadPoolExecutor(8) as pool:
+        texts = list(pool.map(one, range(8)))
+    for text in texts:
+        jsonschema.validate(json.loads(text), SCHEMA)

@@ -5,7 +5,9 @@ request, parse it into a ``Turn``, hand it to the ``Gateway`` and turn what come
 pieces when streaming, then one ``Reply`` or ``Failure``) into the dialect's shapes. A stream
 starts only once the first piece is there, so a request that fails before generating anything
 (bad input, no worker) still gets its plain status code; a failure after that arrives as the
-dialect's last event. A client that goes away mid-stream cancels the handler, and with it the
+dialect's last event. A dialect with a keep-alive event (Anthropic's ``ping``) has it sent
+after every ``IDLE_S`` of silence, and its stream opens after ``IDLE_S`` even before the first
+piece (a first round of server-side tool calls shows nothing for as long as the tools run). A client that goes away mid-stream cancels the handler, and with it the
 generation (the ``Gateway`` sends ``Cancel``); so does ``request_timeout_s``.
 """
 

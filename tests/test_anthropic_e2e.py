@@ -85,6 +85,19 @@ def test_stop_sequence_ends_the_answer_and_is_named(plain: Daemon) -> None:
     assert message.content[0].text == full[:at]
 
 
+def test_sampling_fields_are_honoured(plain: Daemon) -> None:
+    """``top_k`` 1 at temperature 1 is greedy: the answer of temperature 0; without it, sampling
+    at a high temperature differs."""
+    greedy = client(plain).messages.create(model="m", max_tokens=20, messages=HI).content[0].text
+    one = client(plain).messages.create(model="m", max_tokens=20, messages=HI,
+                                        extra_body={"temperature": 1.0, "top_k": 1})  # fmt: skip
+    assert one.content[0].text == greedy
+    hot = {"temperature": 1.0, "top_p": 1.0}
+    sampled = {client(plain).messages.create(model="m", max_tokens=20, messages=HI, extra_body=hot).content[0].text
+               for _ in range(3)}  # fmt: skip
+    assert sampled != {greedy}
+
+
 def test_count_tokens_is_the_whole_prompt_of_usage(plain: Daemon) -> None:
     system = [{"type": "text", "text": "You are terse.", "cache_control": {"type": "ephemeral"}}]
     tools = [{"name": "lookup", "description": "Look a word up.", "input_schema": {"type": "object"}}]

@@ -74,6 +74,8 @@ class Round:
     errors: int = 0
     resets: int = 0
     latencies: list[float] = field(default_factory=list)
+    ttft: list[float] = field(default_factory=list)  # time to each answer's first token
+    gaps: list[float] = field(default_factory=list)  # between one token and the next, all answers
 
     @property
     def tokens_per_s(self) -> float:
@@ -114,8 +116,12 @@ class DirectSide:
         answer = json.loads(self._line())
         results = answer["results"]
         return Round(
-            answer["seconds"], [r["completion_tokens"] for r in results], [r["prompt_tokens"] for r in results]
-        )
+            answer["seconds"], [r["completion_tokens"] for r in results], [r["prompt_tokens"] for r in results],
+            ttft=[r["ttft"] for r in results if r["ttft"] is not None], gaps=[g for r in results for g in r["gaps"]],
+        )  # fmt: skip
+
+    def latency_round(self, prompts: list[str], max_tokens: int) -> Round:
+        return self.round(prompts, max_tokens)  # in-process: every round is timed per token
 
     def close(self) -> None:
         assert self.proc.stdin is not None
@@ -123,16 +129,33 @@ class DirectSide:
         self.proc.wait(60)
 
 
+def all_at_once(client: Callable[..., None], jobs: list[tuple]) -> float:
+    """``client(*job)`` for every job, each on its own thread, all released together; the wall
+    time from the release to the last one's end."""
+    barrier = threading.Barrier(len(jobs) + 1)
+
+    def run(*job: Any) -> None:
+        barrier.wait()
+        client(*job)
+
+    threads = [threading.Thread(target=run, args=job) for job in jobs]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - started
+
+
 def http_round(
     port: int, requests: list[tuple[str, bytes]], parse: Callable[[bytes, dict], tuple[int, int] | None]
 ) -> Round:
     """Send every request at once, one client thread each. ``parse`` gives an answer's (prompt,
     completion) token counts, or None when the caller counts them another way."""
-    barrier = threading.Barrier(len(requests) + 1)
     outcomes: list[Any] = [None] * len(requests)
 
     def client(i: int, path: str, body: bytes) -> None:
-        barrier.wait()
         started = time.perf_counter()
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=3600)
         try:
@@ -145,14 +168,7 @@ def http_round(
         finally:
             conn.close()
 
-    threads = [threading.Thread(target=client, args=(i, *r)) for i, r in enumerate(requests)]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    started = time.perf_counter()
-    for t in threads:
-        t.join()
-    result = Round(time.perf_counter() - started, [], [])
+    result = Round(all_at_once(client, [(i, *r) for i, r in enumerate(requests)]), [], [])
     for outcome in outcomes:
         if isinstance(outcome, BaseException):
             result.resets += 1
@@ -165,6 +181,51 @@ def http_round(
                 result.completion_tokens.append(counts[1])
             result.latencies.append(outcome[3])
     return result
+
+
+def stream_round(port: int, bodies: list[bytes]) -> Round:
+    """Send every streamed chat request at once (one client thread each) and time each answer's
+    Server-Sent Events: the first content piece, then the gaps between pieces."""
+    timings: list[Any] = [None] * len(bodies)
+
+    def client(i: int, body: bytes) -> None:
+        started = time.perf_counter()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=3600)
+        try:
+            conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+            response = conn.getresponse()
+            times = []
+            for line in response:
+                if not line.startswith(b"data: {"):
+                    continue
+                choices = json.loads(line[6:]).get("choices") or [{}]
+                if choices[0].get("delta", {}).get("content"):
+                    times.append(time.perf_counter())
+            timings[i] = (response.status, started, times)
+        except (ConnectionError, http.client.HTTPException) as exc:
+            timings[i] = exc
+        finally:
+            conn.close()
+
+    result = Round(all_at_once(client, list(enumerate(bodies))), [], [])
+    for timing in timings:
+        if isinstance(timing, BaseException):
+            result.resets += 1
+        elif timing[0] != 200 or not timing[2]:
+            result.errors += 1
+        else:
+            _, begun, times = timing
+            result.ttft.append(times[0] - begun)
+            result.gaps += [b - a for a, b in zip(times, times[1:])]
+    return result
+
+
+def chat_body(messages: list[dict], max_tokens: int, stream: bool) -> bytes:
+    return json.dumps({"messages": messages, "max_tokens": max_tokens, "temperature": 0.0, "stream": stream}).encode()
+
+
+def chat_prompt(prompt: str) -> list[dict]:
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}]
 
 
 class DaemonSide:
@@ -201,6 +262,13 @@ class DaemonSide:
             time.sleep(0.05)
         return result
 
+    def latency_round(self, prompts: list[str], max_tokens: int) -> Round:
+        return stream_round(self.daemon.port, [chat_body(chat_prompt(p), max_tokens, True) for p in prompts])
+
+    @property
+    def port(self) -> int:
+        return self.daemon.port
+
     def close(self) -> None:
         self.daemon.signal()
         self.daemon.wait_exit(120)
@@ -226,19 +294,36 @@ class PeerSide:
             time.sleep(0.2)
 
     def round(self, prompts: list[str], max_tokens: int) -> Round:
-        def body(prompt: str) -> bytes:
-            messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}]
-            return json.dumps({"messages": messages, "max_tokens": max_tokens, "temperature": 0.0}).encode()
-
         def parse(data: bytes, headers: dict) -> tuple[int, int]:
             usage = json.loads(data)["usage"]
             return usage["prompt_tokens"], usage["completion_tokens"]
 
-        return http_round(self.port, [("/v1/chat/completions", body(p)) for p in prompts], parse)
+        bodies = [("/v1/chat/completions", chat_body(chat_prompt(p), max_tokens, False)) for p in prompts]
+        return http_round(self.port, bodies, parse)
+
+    def latency_round(self, prompts: list[str], max_tokens: int) -> Round:
+        return stream_round(self.port, [chat_body(chat_prompt(p), max_tokens, True) for p in prompts])
 
     def close(self) -> None:
         self.proc.terminate()
         self.proc.wait(60)
+
+
+def percentile(values: list[float], p: int) -> float | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return round(values[0], 4)
+    return round(statistics.quantiles(values, n=100, method="inclusive")[p - 1], 4)
+
+
+def latency(rounds: list[Round]) -> dict[str, Any]:
+    """Time to first token and inter-token latency, p50 and p99, over ``rounds``."""
+    ttft = [x for r in rounds for x in r.ttft]
+    gaps = [x for r in rounds for x in r.gaps]
+    return {"ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
+            "itl_p50_s": percentile(gaps, 50), "itl_p99_s": percentile(gaps, 99),
+            "latency_errors": sum(r.errors + r.resets for r in rounds)}  # fmt: skip
 
 
 def summarize(rounds: list[Round], max_tokens: int) -> dict[str, Any]:
@@ -286,21 +371,74 @@ def run_shape(shape: str, args: argparse.Namespace, work: Path) -> dict[str, Any
                 for side in present[rep % len(present) :] + present[: rep % len(present)]:
                     rounds[side.name].append(side.round(batch, max_tokens))
             levels[str(level)] = {name: summarize(rs, max_tokens) for name, rs in rounds.items()}
+            for side in present:  # the HTTP sides stream one more round to be timed per token
+                timed = rounds[side.name] if isinstance(side, DirectSide) else [side.latency_round(prompts(), max_tokens)]
+                levels[str(level)][side.name].update(latency(timed))
             print_level(level, levels[str(level)])
+        agent = {} if args.agent_turns == 0 else {
+            side.name: agent_loop(side.port, args.agent_turns) for side in sides if side.name in (OURS, PEER)
+        }  # fmt: skip
+        if agent:
+            print_agent(agent)
     finally:
         for side in sides:
             side.close()
-    return {"model": str(model), "shape": SHAPES[shape], "max_tokens": max_tokens, "device": device, "levels": levels}
+    return {"model": str(model), "shape": SHAPES[shape], "max_tokens": max_tokens, "device": device,
+            "levels": levels, "agent_loop": agent}  # fmt: skip
+
+
+AGENT_ANSWER_TOKENS = 16
+TOOL_RESULT = "Tool result {turn}: " + "the lighthouse log lists ships, weather and lamp hours for the night. " * 5
+
+
+def agent_loop(port: int, turns: int) -> list[float]:
+    """An agent's conversation: each turn re-sends the whole history, grown by the last answer and
+    a tool result (as a user turn: every template renders that), streamed; the time to the first
+    token of each turn. A server that keeps the conversation's prefix cached answers in the time
+    the new part takes to prefill; one that does not, in the time of the whole history."""
+    messages = chat_prompt("Plan the lighthouse keeper's night, step by step, using the tools.")
+    ttft = []
+    for turn in range(turns):
+        body = chat_body(messages, AGENT_ANSWER_TOKENS, True)
+        started = time.perf_counter()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=3600)
+        first, text = None, []
+        try:
+            conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+            for line in conn.getresponse():
+                if line.startswith(b"data: {"):
+                    piece = (json.loads(line[6:]).get("choices") or [{}])[0].get("delta", {}).get("content")
+                    if piece:
+                        first = first or time.perf_counter()
+                        text.append(piece)
+        finally:
+            conn.close()
+        ttft.append(round((first or time.perf_counter()) - started, 4))
+        messages += [{"role": "assistant", "content": "".join(text)},
+                     {"role": "user", "content": TOOL_RESULT.format(turn=turn)}]  # fmt: skip
+    return ttft
+
+
+def print_agent(agent: dict[str, list[float]]) -> None:
+    for name, ttft in agent.items():
+        print(f"  agent loop {name:16} TTFT per turn (s): {' '.join(f'{t:.3f}' for t in ttft)}", flush=True)
 
 
 def print_level(level: int, sides: dict[str, Any]) -> None:
     for name, s in sides.items():
         flags = "".join(f", {s[k]} {k}" for k in ("errors", "resets", "wrong_token_counts") if s[k])
-        print(f"  c={level:<3} {name:16} {s['tokens_per_s']:9.1f} tok/s ({s['min']}–{s['max']}){flags}", flush=True)
+        print(f"  c={level:<3} {name:16} {s['tokens_per_s']:9.1f} tok/s ({s['min']}–{s['max']}){flags}"
+              f"  TTFT p50/p99 {_ms(s.get('ttft_p50_s'))}/{_ms(s.get('ttft_p99_s'))} ms"
+              f"  ITL p50/p99 {_ms(s.get('itl_p50_s'))}/{_ms(s.get('itl_p99_s'))} ms", flush=True)  # fmt: skip
 
 
-def targets(levels: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's targets, each with the figures it is judged on."""
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f}"
+
+
+def targets(levels: dict[str, Any], defaults: bool = False) -> list[dict[str, Any]]:
+    """The issues' targets, each with the figures it is judged on (``defaults``: every server as
+    shipped, judged on "Defaults that win")."""
     out = []
     lo, hi = str(min(map(int, levels))), str(max(map(int, levels)))
 
@@ -308,6 +446,16 @@ def targets(levels: dict[str, Any]) -> list[dict[str, Any]]:
         ratio = ours / ref if ref else 0.0
         out.append({"target": what, "level": int(level), "ratio": round(ratio, 2), "goal": goal, "met": ratio >= goal})
 
+    if defaults:
+        for level, sides in levels.items():
+            if PEER in sides:
+                goal = 1.0 if int(level) >= 64 else 1.1
+                add(f"{OURS} / {PEER}", level, sides[OURS]["tokens_per_s"], sides[PEER]["tokens_per_s"], goal)
+            if int(level) >= 32:
+                add(f"{OURS} / {BATCH}", level, sides[OURS]["tokens_per_s"], sides[BATCH]["tokens_per_s"], 0.9)
+            errors = sides[OURS]["errors"] + sides[OURS]["resets"] + sides[OURS]["wrong_token_counts"]
+            out.append({"target": f"{OURS} errors", "level": int(level), "count": errors, "goal": 0, "met": errors == 0})
+        return out
     one = levels[lo]
     if STREAM in one:
         add(f"{OURS} / {STREAM}", lo, one[OURS]["tokens_per_s"], one[STREAM]["tokens_per_s"], 0.95)
@@ -327,7 +475,10 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"# llm-server against mlx-lm and mlx_lm.server ({report['date']})", "",
              f"Machine: {report['machine']}. Backend: {report['backend']}. BLAS: {report['blas']}. "
              f"mlx {report['versions']['mlx']}, mlx-lm {report['versions']['mlx_lm']}. "
-             f"Median tokens/s of {report['reps']} timed rounds (min–max), after a warm-up round per side and level.", ""]  # fmt: skip
+             f"Median tokens/s of {report['reps']} timed rounds (min–max), after a warm-up round per side and level. "
+             + ("Every server at its shipped defaults (no batch-width flags)." if report.get("defaults") else
+                "Tuned alike: llm-server's max_batch_size and mlx_lm.server's --decode-concurrency = the largest level."),
+             ""]  # fmt: skip
     for shape, result in report["shapes"].items():
         sides = [STREAM, BATCH, OURS, PEER]
         lines += [f"## {shape}: {result['max_tokens']} tokens per answer", "",
@@ -343,6 +494,23 @@ def markdown(report: dict[str, Any]) -> str:
                 bad = s["errors"] + s["resets"]
                 cells.append(cell + (f", {bad} failed" if bad else ""))
             lines.append(f"| {level} | " + " | ".join(cells) + " |")
+        lines += ["", "Latency, ms: time to first token p50 / p99, inter-token latency p50 / p99 (the HTTP sides "
+                  "from one more streamed round per level).", "",
+                  "| clients | " + " | ".join(sides) + " |", "|---" * (len(sides) + 1) + "|"]  # fmt: skip
+        for level, by_side in result["levels"].items():
+            cells = []
+            for name in sides:
+                s = by_side.get(name)
+                cells.append("" if s is None or "ttft_p50_s" not in s else
+                             f"{_ms(s['ttft_p50_s'])} / {_ms(s['ttft_p99_s'])}, {_ms(s['itl_p50_s'])} / {_ms(s['itl_p99_s'])}")
+            lines.append(f"| {level} | " + " | ".join(cells) + " |")
+        if result.get("agent_loop"):
+            agent = result["agent_loop"]
+            lines += ["", f"Agent loop: time to first token per turn, s ({len(next(iter(agent.values())))} turns, "
+                      "the history re-sent each turn, grown by a tool result).", "",
+                      "| turn | " + " | ".join(agent) + " |", "|---" * (len(agent) + 1) + "|"]  # fmt: skip
+            for turn, row in enumerate(zip(*agent.values()), 1):
+                lines.append(f"| {turn} | " + " | ".join(f"{t:.3f}" for t in row) + " |")
         lines += ["", "| target | clients | figure | goal | met |", "|---|---|---|---|---|"]
         for t in result["targets"]:
             figure = f"{t['ratio']}×" if "ratio" in t else str(t["count"])
@@ -384,12 +552,13 @@ def main() -> None:
     parser.add_argument("--defaults", action="store_true",
                         help="no batch-width tuning: llm-server's max_batch_size and mlx_lm.server's concurrency flags "
                              "at their shipped defaults")  # fmt: skip
+    parser.add_argument("--agent-turns", type=int, default=10, help="turns of the agent-loop scenario (0: none)")
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny model, levels 1,4, one round")
     parser.add_argument("--cache", type=Path, default=ROOT / ".test-deps" / "bench")
     parser.add_argument("--out", type=Path, help="report path without suffix (default: bench/results/DATE-...)")
     args = parser.parse_args()
     if args.quick:
-        args.shapes, args.levels, args.reps = "tiny", "1,4", 1
+        args.shapes, args.levels, args.reps, args.agent_turns = "tiny", "1,4", 1, min(args.agent_turns, 3)
     args.levels = [int(n) for n in args.levels.split(",")]
     import mlx.core as mx
     import mlx_lm
@@ -400,17 +569,17 @@ def main() -> None:
     report: dict[str, Any] = {
         "date": datetime.date.today().isoformat(), "machine": machine(), "blas": blas, "reps": args.reps,
         "versions": {"mlx": mx.__version__, "mlx_lm": mlx_lm.__version__, "python": platform.python_version()},
-        "shapes": {},
+        "shapes": {}, "defaults": args.defaults,
     }  # fmt: skip
     with tempfile.TemporaryDirectory() as work:
         for shape in args.shapes.split(","):
             result = run_shape(shape, args, Path(work))
-            result["targets"] = targets(result["levels"])
+            result["targets"] = targets(result["levels"], args.defaults)
             report["shapes"][shape] = result
     report["backend"] = next(iter(report["shapes"].values()))["device"]
     out = args.out or ROOT / "bench" / "results" / (
         f"{report['date']}-{platform.system().lower()}-{platform.machine()}-{os.cpu_count()}core-{blas.split()[0]}"
-        f"-compare{'-quick' if args.quick else ''}"
+        f"-compare{'-defaults' if args.defaults else ''}{'-quick' if args.quick else ''}"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")

@@ -47,29 +47,35 @@ def main() -> None:
     def stream_round(prompts: list[list[int]], max_tokens: int) -> list[dict]:
         out = []
         for ids in prompts:
-            text, tokens = "", 0
+            text, tokens, times = "", 0, []
+            started = time.perf_counter()
             for response in stream_generate(model, tokenizer, ids, max_tokens=max_tokens, sampler=sampler):
+                times.append(time.perf_counter())
                 text += response.text
                 tokens = response.generation_tokens
-            out.append({"prompt_tokens": len(ids), "completion_tokens": tokens, "text": text})
+            out.append({"prompt_tokens": len(ids), "completion_tokens": tokens, "text": text, **timing(started, times)})
         return out
 
     def batch_round(prompts: list[list[int]], max_tokens: int) -> list[dict]:
         generator = BatchGenerator(
             model, stop_tokens=eos, sampler=sampler, completion_batch_size=len(prompts), max_tokens=max_tokens
         )
+        started = time.perf_counter()
         uids = generator.insert(prompts, max_tokens=[max_tokens] * len(prompts))
         tokens: dict[int, list[int]] = {uid: [] for uid in uids}
+        times: dict[int, list[float]] = {uid: [] for uid in uids}
         left = len(uids)
         while left:
             for response in generator.next_generated():
                 if response.finish_reason != "stop":
                     tokens[response.uid].append(response.token)
+                    times[response.uid].append(time.perf_counter())
                 if response.finish_reason is not None:
                     left -= 1
         generator.close()
         return [
-            {"prompt_tokens": len(ids), "completion_tokens": len(tokens[uid]), "text": tokenizer.decode(tokens[uid])}
+            {"prompt_tokens": len(ids), "completion_tokens": len(tokens[uid]), "text": tokenizer.decode(tokens[uid]),
+             **timing(started, times[uid])}
             for uid, ids in zip(uids, prompts)
         ]
 
@@ -81,6 +87,11 @@ def main() -> None:
         results = run_round(prompts, request["max_tokens"])
         seconds = time.perf_counter() - started
         print(json.dumps({"seconds": seconds, "results": results}), flush=True)
+
+
+def timing(started: float, times: list[float]) -> dict:
+    """Time to the first token (from the round's start) and the gaps between tokens."""
+    return {"ttft": times[0] - started if times else None, "gaps": [b - a for a, b in zip(times, times[1:])]}
 
 
 if __name__ == "__main__":

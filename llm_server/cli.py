@@ -9,10 +9,15 @@ person starting the daemon by hand sees why it stopped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import multiprocessing
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
+from typing import Iterator
 
 from setproctitle import setproctitle
 
@@ -57,6 +62,18 @@ def main(argv: list[str] | None = None) -> int:
         hub.stop()
 
 
+@contextlib.contextmanager
+def metrics_folder() -> Iterator[None]:
+    """The folder the children write their Prometheus series to (prometheus-client's
+    multiprocess mode, ``model_worker/metrics``), one per daemon, removed when it stops."""
+    folder = tempfile.mkdtemp(prefix="llm-server-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder  # the children inherit it at spawn
+    try:
+        yield
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _parser() -> argparse.ArgumentParser:
     """``llm-server`` runs the daemon; ``check`` and ``service ...`` are the other commands.
     ``--config`` may come before or after the command."""
@@ -96,7 +113,8 @@ def _run(raw: dict, config_path: Path, log_filename: Path, hub: LogHub, console:
     )
     console.say(f"starting: config {config_path}, model {config.model_name}, {len(config.servers)} MCP server(s)")
     try:
-        code = Arbiter(config, hub, console).run()
+        with metrics_folder():
+            code = Arbiter(config, hub, console).run()
     except Exception:
         log.exception("unexpected supervisor error")
         code = ExitCode.INTERNAL

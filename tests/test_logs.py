@@ -6,6 +6,8 @@ import logging
 import logging.handlers
 import multiprocessing
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -93,3 +95,42 @@ def test_log_order_follows_cause_and_effect_across_processes(tmp_path: Path) -> 
     lines = (tmp_path / "o.log").read_text().splitlines()
     assert "supervisor before" in lines[0] and "supervisor after" in lines[-1]
     assert [line.rsplit(" ", 1)[1] for line in lines[1:-1]] == [str(n) for n in range(300)]
+
+
+KILLED_WRITER = """
+import logging, multiprocessing, os, signal, sys, time
+from pathlib import Path
+from llm_server.supervisor.log_file import LogHub
+
+def dies_holding_the_write_lock(queue):
+    queue._wlock.acquire()  # as a child's feeder thread does for each record it sends
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if __name__ == "__main__":
+    ctx = multiprocessing.get_context("spawn")
+    hub = LogHub(Path(sys.argv[1]), "info", ctx.Queue())
+    hub.start()
+    child = ctx.Process(target=dies_holding_the_write_lock, args=(hub.queue,))
+    child.start()
+    child.join(30)
+    logging.getLogger("supervisor").info("child gone with code %s", child.exitcode)
+    started = time.monotonic()
+    hub.stop(timeout=1.0)
+    print(f"stopped in {time.monotonic() - started:.1f} s")
+"""
+
+
+def test_a_child_killed_while_writing_does_not_hang_the_stop(tmp_path: Path) -> None:
+    """A child SIGKILLed while it holds the log queue's cross-process write lock (it was sending a
+    record) leaves that lock held for good, so nothing can be sent through the queue again, the
+    listener's stop marker included. The supervisor's stop still ends within its bound, logs why,
+    and the process exits (the queue's feeder thread is not waited for)."""
+    script = tmp_path / "killed_writer.py"
+    script.write_text(KILLED_WRITER)
+    log = tmp_path / "k.log"
+    done = subprocess.run([sys.executable, str(script), str(log)], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "stopped in 1." in done.stdout, done.stdout
+    text = log.read_text()
+    assert "child gone with code -9" in text and "the log queue did not drain" in text

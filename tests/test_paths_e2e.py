@@ -54,9 +54,10 @@ def test_hang_up_of_a_handed_over_request_frees_it(make_daemon: Callable[..., Da
     3. the second is answered in full, and the next request runs alone (the batch was emptied).
     """
     daemon = make_daemon(max_tokens=LONG, log_level="debug").start().wait_serving()
+    before = daemon.log_text().count("sequence runs alone")  # the prompt cache's warm-up ran alone at start
     impatient = threading.Thread(target=post_and_hang_up, args=(daemon, "Tell me about the sea.", 1.0))
     impatient.start()
-    daemon.wait_log("sequence runs alone")
+    daemon.wait_log("sequence runs alone", count=before + 1)
     time.sleep(0.3)
     threads, results = ask_in_background(daemon, ["Tell me about the mountains."])
     daemon.wait_log("handed to the batch after")

@@ -56,7 +56,8 @@ class Config:
     mcp_startup_timeout_s: float = 30.0
     tool_timeout_s: float = 60.0
     max_tool_rounds: int = 8
-    max_batch_size: int = 8
+    max_batch_size: int = 256  # an upper bound: the KV budget decides (``kv_cache_mb``)
+    kv_cache_mb: int | None = None  # None: what the device leaves after the weights and the prompt cache
     prompt_cache_mb: int = 1024
     shutdown_timeout_s: float = 600.0
     worker_restarts: int = 3
@@ -124,7 +125,8 @@ def parse_config(raw: dict[str, Any], path: Path, log_filename: Path) -> Config:
         mcp_startup_timeout_s=check.number("mcp_startup_timeout_s", 0.0, 3600.0, True, 30.0),
         tool_timeout_s=check.number("tool_timeout_s", 0.0, 86400.0, True, 60.0),
         max_tool_rounds=check.integer("max_tool_rounds", 0, 1000, default=8),
-        max_batch_size=check.integer("max_batch_size", 1, 256, default=8),
+        max_batch_size=check.integer("max_batch_size", 1, 256, default=256),
+        kv_cache_mb=check.optional_integer("kv_cache_mb", 1, 100_000_000),
         prompt_cache_mb=check.integer("prompt_cache_mb", 0, 1_000_000, default=1024),
         shutdown_timeout_s=check.number("shutdown_timeout_s", 0.0, 86400.0, True, 600.0),
         worker_restarts=check.integer("worker_restarts", 0, 1000, default=3),

@@ -28,7 +28,7 @@ from sanic.response import json as json_response
 
 from ..common.config import Config
 from ..common.protocol import Delta, Failure, Listening, Reply, http_status
-from . import browser
+from . import browser, metrics_route
 from .answers import error_response, log_response, name_request
 from .dialects.anthropic_messages import AnthropicCountTokens, AnthropicMessages
 from .dialects.base import Begin, Dialect, Turn
@@ -83,7 +83,9 @@ def build_app(config: Config, gateway: Gateway) -> Sanic:
     async def _announce(app: Sanic) -> None:
         log.info("listening on http://%s:%d", config.listening_host, config.listening_port)
         assert gateway.control is not None
-        await gateway.control.send(Listening(config.listening_host, config.listening_port))
+        # Not awaited: a Shutdown may follow the moment the supervisor reads it, and Sanic
+        # cannot stop before its start-up listeners have returned.
+        gateway.control.send_soon(Listening(config.listening_host, config.listening_port))
 
     @app.on_response
     async def _no_keep_alive_while_draining(request: Request, response: HTTPResponse) -> None:
@@ -114,6 +116,8 @@ def build_app(config: Config, gateway: Gateway) -> Sanic:
         handler = _generation_route(dialect, begin, gateway, config.request_timeout_s)
         app.add_route(handler, dialect.path, methods=["POST"], name=dialect.name)
         dialect.add_routes(app, begin)
+
+    metrics_route.register(app, dialects[0], begin)
 
     @app.get("/openapi.json")
     async def openapi(request: Request) -> HTTPResponse:

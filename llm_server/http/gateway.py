@@ -20,6 +20,7 @@ from typing import Any, AsyncIterator
 from sanic import Sanic
 
 from ..common.channel import LinkedChannel, PipeChannel
+from .metrics_route import WORKER_RESTARTS
 from ..common.protocol import (
     Cancel,
     Delta,
@@ -133,6 +134,7 @@ class Gateway:
         elif isinstance(message, Link):
             assert self._loop is not None
             self.worker.link(message.conn, self._loop)
+            WORKER_RESTARTS.inc()
             log.info("linked to a new model worker")
             assert self.control is not None
             self.control.send_soon(Linked())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from concurrent.futures import Future
 from typing import Any
 
@@ -60,6 +61,13 @@ class Batch:
         self.active[uid] = job
         return True
 
+    def kv_bytes(self, alone: Any = None) -> int:
+        """The KV cache the batch holds (padding included), and a lone sequence's (``alone``)."""
+        held = self.generator.prompt_cache_nbytes
+        if alone is not None:
+            held += sum(layer.nbytes for layer in alone.cache)
+        return held
+
     def remove(self, future: Future[Completion]) -> list[Job]:
         """Take the job of ``future`` out of the batch; the jobs taken (the inbox is FIFO, so a
         job is inserted, or finished, before its cancellation arrives)."""
@@ -85,6 +93,7 @@ class Batch:
                 job.future.set_exception(exc)
             active.clear()
             return
+        now = time.monotonic()
         for response in responses:
             job = active.get(response.uid)
             if job is None:
@@ -92,9 +101,7 @@ class Batch:
             if response.finish_reason != "stop" or (job.stops and response.token not in self._eos):
                 # A stop word's last token is kept (unlike EOS): the text reader sees the word,
                 # strips it and knows which one it was (the Messages API reports it).
-                job.tokens.append(response.token)
-                if job.on_token is not None:
-                    job.on_token(response.token)
+                job.take(response.token, now)
             if response.finish_reason is not None:
                 if response.all_tokens:
                     self._prompt_cache.remember(self.generator, list(response.all_tokens), response.prompt_cache)

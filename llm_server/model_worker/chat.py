@@ -34,6 +34,17 @@ def render(tokenizer: Any, messages: Sequence[Message], tools: Sequence[dict[str
     )
 
 
+def render_opening(tokenizer: Any, system_prompt: str, tools: Sequence[dict[str, Any]] | None) -> list[int]:
+    """Token ids of the system turn alone, as every conversation that starts with it renders it
+    (no generation prompt): the prefix the prompt cache is warmed with."""
+    return list(
+        tokenizer.apply_chat_template(
+            [{"role": "system", "content": system_prompt}], tools=list(tools) if tools else None,
+            add_generation_prompt=False,
+        )
+    )  # fmt: skip
+
+
 @dataclass(frozen=True)
 class ToolCall:
     """One parsed call: the model's name for the tool and its arguments."""

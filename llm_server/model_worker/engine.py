@@ -38,15 +38,17 @@ from typing import Any, Callable
 
 from ..common import faults
 from ..common.faults import Faults
+from .admission import Admission, KVCacheTooSmall
 from .batch import Batch
 from .constraint import Grammars
-from .jobs import Cancel, Completion, EngineDead, Job, SamplingSettings, cancelled, complete
+from .jobs import Cancel, Completion, EngineDead, Job, Load, SamplingSettings, cancelled, complete
 from .loading import load
 from .sharing import Sharing
 from .solo import Solo, SoloPath
 
 log = logging.getLogger("llm_server.engine")
 
+_LOAD_EVERY = 8  # turns between readings of the KV memory held (a reading sums every layer's arrays)
 _SLOW_WAKE_S = 1.0  # the slow-wake fault: longer than a ping period, well under the stall timeout
 
 
@@ -56,6 +58,7 @@ class Engine:
     def __init__(
         self, model_name: str, sampling: SamplingSettings, max_batch_size: int, prompt_cache_mb: int = 0,
         on_download: Callable[[int, int], None] | None = None, sharding: str | None = None,
+        kv_cache_mb: int | None = None,
     ) -> None:  # fmt: skip
         self.sharding = sharding  # "pipeline" or "tensor": this process is one rank of a group
         self.rank = 0
@@ -66,6 +69,8 @@ class Engine:
         self.sampling = sampling
         self.max_batch_size = max_batch_size
         self.prompt_cache_bytes = prompt_cache_mb * 1024 * 1024
+        self.kv_cache_bytes = None if kv_cache_mb is None else kv_cache_mb * 1024 * 1024  # None: the device's
+        self._admission: Admission | None = None
         # Made when the model is loaded, on the MLX thread: the default sampler, and one per
         # distinct request setting.
         self._sampler: Any = None
@@ -85,6 +90,7 @@ class Engine:
         self._busy = False  # sequences in flight
         self._waiting = False  # blocked on an empty inbox (idle)
         self._progress = time.monotonic()  # when the MLX thread last finished a step
+        self.load = Load()
         self._thread = threading.Thread(target=self._run, name="mlx", daemon=True)
 
     # --- called from other threads ------------------------------------------------------------
@@ -103,6 +109,12 @@ class Engine:
         streaming) gets each generated token on the MLX thread, before the future resolves;
         ``grammar`` (``common.grammars``) constrains what may be generated."""
         job = Job(prompt, max_tokens, Future(), sampling, stop_words, grammar, on_token, key=next(self._keys))
+        if self._admission is not None:
+            try:
+                self._admission.check(job)
+            except KVCacheTooSmall as exc:
+                job.future.set_exception(exc)
+                return job.future
         if self._sharing is not None:
             self._sharing.track(job)
         with self._death_lock:
@@ -146,7 +158,7 @@ class Engine:
         try:
             loaded = load(
                 self.model_name, self.sampling, self.max_batch_size, self.prompt_cache_bytes,
-                self.sharding, self._on_download, self._faults,
+                self.kv_cache_bytes, self.sharding, self._on_download, self._faults,
             )  # fmt: skip
             if self._sharing is not None:
                 self._sharing.join(loaded.group)
@@ -157,6 +169,8 @@ class Engine:
             self._sampler = loaded.sampler
             self._solo_allowed = loaded.solo_allowed
             self._grammars = Grammars(loaded.tokenizer, loaded.eos)
+            self._admission = loaded.admission
+            self.kv_cache_bytes = loaded.admission.budget_bytes
             prompt_cache = loaded.prompt_cache
             batch = Batch(loaded.generator, prompt_cache, self._finish, loaded.eos)
             solo_path = SoloPath(
@@ -185,16 +199,19 @@ class Engine:
 
     def _serve(self, solo_path: SoloPath, batch: Batch) -> None:
         active = batch.active  # in the batch, by uid
+        admission = self._admission
+        assert admission is not None
+        waiting = admission.waiting  # arrived, not yet admitted (``admission``)
         solo: Solo | None = None
         stopping = False
-        arrived: list[Job] = []
+        turn = 0
         try:
-            while not stopping or active or solo:
+            while not stopping or active or solo or waiting:
                 # Block only when there is nothing to decode.
                 self._busy = bool(active or solo)
-                items = self._receive(block=not self._busy)
+                items = self._receive(block=not self._busy and not waiting)
                 self._progress = time.monotonic()
-                arrived = []
+                arrived = False
                 for item in items:
                     if item is None:
                         stopping = True
@@ -203,26 +220,30 @@ class Engine:
                             solo.steps.close()
                             self._end(solo.job, item.keep)
                             solo = None
-                        elif job := next((job for job in arrived if job.future is item.future), None):
-                            arrived.remove(job)  # not started yet
+                        elif job := admission.remove(item.future):  # not started yet
                             self._end(job, item.keep)
                         else:
                             for job in batch.remove(item.future):
                                 self._end(job, item.keep)
                     elif self._prepare(item):
-                        arrived.append(item)
-                if arrived:
-                    if self._faults.active(faults.ENGINE_STALL):  # once per arrival, not per step
-                        self._busy = True
-                        while True:  # a step that never returns
-                            time.sleep(1)
-                    if solo is None and not active and len(arrived) == 1 and self._solo_allowed:
-                        solo = solo_path.start(arrived[0])
+                        waiting.append(item)
+                        arrived = True
+                if arrived and self._faults.active(faults.ENGINE_STALL):  # once per arrival, not per step
+                    self._busy = True
+                    while True:  # a step that never returns
+                        time.sleep(1)
+                admitted = admission.admit([*active.values(), *([solo.job] if solo else [])]) if waiting else []
+                if admitted:
+                    now = time.monotonic()
+                    for job in admitted:
+                        job.admitted = now
+                    if solo is None and not active and len(admitted) == 1 and self._solo_allowed:
+                        solo = solo_path.start(admitted[0])
                     else:
                         if solo is not None:
                             solo_path.hand_over(solo)
                             solo = None
-                        for job in arrived:
+                        for job in admitted:
                             batch.insert(job)
                 self._busy = bool(active or solo)
                 if solo is not None:
@@ -230,8 +251,11 @@ class Engine:
                         solo = None
                 elif active:
                     batch.step()
+                turn += 1
+                if turn % _LOAD_EVERY == 0 or not (active or solo):
+                    self.load = Load(len(active) + (solo is not None), len(waiting), batch.kv_bytes(solo))
         except BaseException as exc:
-            held = [*active.values(), *([solo.job] if solo else []), *arrived]
+            held = [*active.values(), *([solo.job] if solo else []), *waiting]
             self._die(exc, held)
             raise
 

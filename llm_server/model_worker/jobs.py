@@ -49,6 +49,9 @@ class Completion:
     finish_reason: str
     seconds: float
     cached_tokens: int = 0  # prompt tokens taken from the prompt cache
+    queue_s: float = 0.0  # from submit until the sequence joined the batch (admission, ``admission``)
+    first_token_s: float | None = None  # from submit until its first token
+    gaps: tuple[float, ...] = ()  # seconds between one token and the next
 
 
 @dataclass
@@ -68,8 +71,26 @@ class Job:
     key: int = 0  # names the job to the other ranks (distributed)
     tokens: list[int] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
+    admitted: float | None = None  # when it left the waiting line
+    token_times: list[float] = field(default_factory=list)  # when each token came
     uid: int | None = None
     cached_tokens: int = 0
+
+    def take(self, token: int, now: float) -> None:
+        """A generated token: kept, timed, and streamed if the caller streams."""
+        self.tokens.append(token)
+        self.token_times.append(now)
+        if self.on_token is not None:
+            self.on_token(token)
+
+
+@dataclass(frozen=True)
+class Load:
+    """What the engine holds, as of its last turn (read by the worker for its metrics)."""
+
+    running: int = 0  # sequences decoding (in the batch or alone)
+    waiting: int = 0  # arrived, waiting for room in the KV budget (``admission``)
+    kv_bytes: int = 0  # the KV cache those running hold, as mlx-lm allocated it
 
 
 @dataclass(frozen=True)
@@ -92,6 +113,9 @@ def complete(job: Job, finish_reason: str) -> None:
         finish_reason=finish_reason,
         seconds=time.monotonic() - job.started,
         cached_tokens=job.cached_tokens,
+        queue_s=(job.admitted or job.started) - job.started,
+        first_token_s=job.token_times[0] - job.started if job.token_times else None,
+        gaps=tuple(b - a for a, b in zip(job.token_times, job.token_times[1:])),
     )
     if not job.future.done():
         job.future.set_result(completion)

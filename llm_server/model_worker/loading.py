@@ -22,6 +22,7 @@ from typing import Any, Callable
 from ..common import faults
 from ..common.config import is_local
 from ..common.faults import Faults
+from .admission import KV_STEP, Admission, default_budget, measure_bytes_per_token
 from .download import fetch
 from .jobs import ModelLoadError, SamplingSettings
 from .prompt_cache import PromptCache
@@ -44,11 +45,12 @@ class Loaded:
     solo_allowed: bool  # a lone sequence can be handed to the batch
     prompt_cache: PromptCache
     group: Any  # the mx.distributed group when sharded, else None
+    admission: Admission
 
 
 def load(
     model_name: str, sampling: SamplingSettings, max_batch_size: int, prompt_cache_bytes: int,
-    sharding: str | None, on_download: Callable[[int, int], None] | None, fault: Faults,
+    kv_cache_bytes: int | None, sharding: str | None, on_download: Callable[[int, int], None] | None, fault: Faults,
 ) -> Loaded:  # fmt: skip
     """Load ``model_name`` (a folder, or a Hub name fetched first) and prepare it for serving."""
     if fault.active(faults.INTERNAL):
@@ -112,6 +114,7 @@ def load(
             stream=stream,
         )
         prompt_cache = PromptCache(prompt_cache_bytes)
+        admission = _admission(model, group, max_batch_size, prompt_cache_bytes, kv_cache_bytes)
     except Exception as exc:
         raise ModelLoadError(f"cannot prepare model {model_name!r}: {type(exc).__name__}: {exc}") from exc
     log.info(
@@ -121,7 +124,35 @@ def load(
         context_window,
         mx.default_device(),
     )
-    return Loaded(model, tokenizer, context_window, generator, sampler, stream, eos, solo_allowed, prompt_cache, group)
+    return Loaded(
+        model, tokenizer, context_window, generator, sampler, stream, eos, solo_allowed, prompt_cache, group, admission
+    )
+
+
+def _admission(
+    model: Any, group: Any, max_batch_size: int, prompt_cache_bytes: int, kv_cache_bytes: int | None
+) -> Admission:
+    """Admission by KV memory (``admission``): the budget configured or derived from the device.
+    In a distributed group by count only: each rank holds a different shard, so budgets measured
+    per rank would disagree about who joins, and the ranks would fall out of step."""
+    if group is not None:
+        return Admission(None, 1, max_batch_size)
+    from mlx.utils import tree_flatten
+
+    try:
+        per_token = measure_bytes_per_token(model)
+    except Exception as exc:  # noqa: BLE001 - a model whose forward wants more than token ids
+        log.warning("cannot measure the model's KV cache (%s: %s): admission by max_batch_size only",
+                    type(exc).__name__, exc)  # fmt: skip
+        return Admission(None, 1, max_batch_size)
+    if kv_cache_bytes is None:
+        weights = sum(value.nbytes for _, value in tree_flatten(model.parameters()))
+        kv_cache_bytes, source = default_budget(weights, prompt_cache_bytes)
+    else:
+        source = "kv_cache_mb"
+    log.info("KV cache budget %.1f MB (%s), %d bytes per token: at most %d sequences of 4,096 tokens at once",
+             kv_cache_bytes / 2**20, source, per_token, kv_cache_bytes // ((4096 + KV_STEP) * per_token))  # fmt: skip
+    return Admission(kv_cache_bytes, per_token, max_batch_size)
 
 
 def _context_window(config: dict[str, Any]) -> int | None:

@@ -40,6 +40,7 @@ from mcp.shared.exceptions import MCPError
 
 from ..common.servers import ServerSpec
 from ..common.logs import TRACE
+from . import metrics
 from .mcp_connection import ServerRunner, ServerState, ServerStatus, Settings, describe
 from .mcp_process import GROUP_KILL_GRACE_S
 
@@ -230,6 +231,7 @@ class MCPHost:
     ) -> ToolResult:
         duration = time.monotonic() - started
         logger.info("tool call %s server=%s duration=%.0fms outcome=%s", name, server or "-", duration * 1000, outcome)
+        metrics.tool_call(server, tool, outcome, duration)
         if len(text) > self._max_result_chars:
             logger.warning(
                 "tool call %s result cut from %d to %d characters (max_tool_result_chars)",

@@ -49,6 +49,8 @@ from ..common.protocol import (
     StartupFailure,
     Stopped,
 )
+from . import metrics
+from .admission import KVCacheTooSmall
 from .chat import template_messages
 from .engine import Engine
 from .jobs import CancelledGeneration, EngineDead, ModelLoadError, SamplingSettings
@@ -57,6 +59,8 @@ from .structure import Unconstrainable
 from .tool_loop import PromptTooLong, ToolClash, ToolLoop
 
 log = logging.getLogger("llm_server.model_worker")
+
+SAMPLE_S = 0.25  # how often the metrics' gauges are read from the engine and the MCP servers
 
 
 def run_worker(
@@ -98,6 +102,7 @@ class Worker:
         self.engine: Engine | None = None
         self.control: PipeChannel | None = None
         self._faults = Faults()  # read once, not per request
+        self._warmed_tools: list[str] | None = None  # the tool names the prompt cache was warmed with
 
     async def run(self) -> int:
         """Serve until told to stop (0), or until the engine dies (``ENGINE_DIED``).
@@ -139,6 +144,7 @@ class Worker:
                 self.config.prompt_cache_mb,
                 on_download=self._download_progress,
                 sharding=self.config.distributed.mode if self.config.distributed else None,
+                kv_cache_mb=self.config.kv_cache_mb,
             )
             log.info("loading model %s", self.config.model_name)
             loading = asyncio.wrap_future(engine.start())
@@ -165,16 +171,24 @@ class Worker:
             if self._http_conn is not None:  # else (a distributed group's rank 0) it comes as a Link
                 self.http.link(self._http_conn, loop)
             tools = len(host.tools())
+            # The engine's faults fire at its first generation: the tests aim them at a request.
+            aimed = self._faults.active(faults.ENGINE_STALL) or self._faults.active(faults.ENGINE_DEATH)
+            if engine.prompt_cache_bytes and self.config.system_prompt and not aimed:
+                self._warmed_tools = await self._warm()
+            metrics.forget_dead()
+            sampler = asyncio.ensure_future(self._sample(host))
             await control.send(Ready(self.config.model_name, engine.context_window, tools))
             died = asyncio.wrap_future(engine.died)
             stop = asyncio.ensure_future(self.stopping.wait())
             await asyncio.wait({died, stop}, return_when=asyncio.FIRST_COMPLETED)
             if died.done():
                 stop.cancel()
+                sampler.cancel()
                 await self._fail_open_requests(f"the model engine died: {died.result()}")
                 log.critical("the model engine died: stopping MCP servers and exiting for a restart")
                 return ENGINE_DIED
             await self._drain()
+            sampler.cancel()
             log.info("unloading model")
             await asyncio.to_thread(engine.stop)
             log.info("stopping MCP servers")
@@ -260,7 +274,48 @@ class Worker:
                 log.info("client went away: cancelling", extra={"request_id": message.request_id})
                 task.cancel()
 
+    async def _warm(self) -> list[str]:
+        """The prompt cache warmed with the system turn (before the daemon listens, and again
+        when the tool list changes); a failure only costs the next request that prefill. The
+        tool names it was warmed with."""
+        started = time.monotonic()
+        tools = [tool["function"]["name"] for tool in self.loop_.host.tools()]
+        try:
+            tokens = await self.loop_.warm(self.config.system_prompt)
+        except Exception:  # noqa: BLE001 - not worth failing the start over
+            log.warning("could not warm the prompt cache with the system prompt", exc_info=True)
+            return tools
+        log.info("prompt cache warmed with the system prompt and %d tool(s): %d tokens in %.2f s", len(tools), tokens,
+                 time.monotonic() - started)  # fmt: skip
+        return tools
+
+    async def _sample(self, host: MCPHost) -> None:
+        """Every ``SAMPLE_S``: the metrics' gauges from the engine and the MCP servers, and a
+        warm prompt cache again in the background when an MCP server came or went (the system
+        turn renders every tool's schema: a changed list is a new prefix)."""
+        engine = self.engine
+        assert engine is not None
+        while True:
+            await asyncio.sleep(SAMPLE_S)
+            statuses = host.status().values()
+            metrics.sample(engine.load, engine.kv_cache_bytes, {s.name: s.state == "up" for s in statuses})
+            if self._warmed_tools is not None:
+                tools = [tool["function"]["name"] for tool in host.tools()]
+                if tools != self._warmed_tools:
+                    log.info("the tool list changed (%d -> %d tools): warming the prompt cache again",
+                             len(self._warmed_tools), len(tools))  # fmt: skip
+                    self._warmed_tools = await self._warm()
+
     async def _serve(self, request: Generate, http: PipeChannel) -> None:
+        started = time.monotonic()
+        outcome = "abort"  # the client went away, unless answered
+        try:
+            outcome = await self._answer(request, http)
+        finally:
+            metrics.request(outcome, time.monotonic() - started)
+
+    async def _answer(self, request: Generate, http: PipeChannel) -> str:
+        """Answer one request on ``http``; how it ended (the reply's finish reason, "error", "abort")."""
         request_id = request.request_id
         current_request.set(request_id)
         on_text = None
@@ -272,25 +327,26 @@ class Worker:
         try:
             answer = await self.loop_.answer(template_messages(request.messages), request.options, on_text)
         except asyncio.CancelledError:
-            return
-        except (PromptTooLong, ToolClash) as exc:
+            return "abort"
+        except (PromptTooLong, ToolClash, KVCacheTooSmall) as exc:
             await http.send(Failure(request_id, FailureCategory.BAD_REQUEST, str(exc)))
-            return
+            return "error"
         except Unconstrainable as exc:
             await http.send(Failure(request_id, FailureCategory.BAD_REQUEST, str(exc), exc.param))
-            return
+            return "error"
         except CancelledGeneration:
-            return
+            return "abort"
         except EngineDead as exc:
             await http.send(Failure(request_id, FailureCategory.INTERNAL, str(exc)))
-            return
+            return "error"
         except Exception as exc:
             log.exception("generation failed")
             await http.send(Failure(request_id, FailureCategory.INTERNAL, f"generation failed: {exc}"))
-            return
+            return "error"
         reasoning = answer.reasoning if request.options.reasoning else ""
         await http.send(Reply(request_id, answer.text, answer.stats, answer.finish_reason, answer.tool_calls, reasoning,
                               answer.stop_word))  # fmt: skip
+        return answer.finish_reason
 
     async def _fail_open_requests(self, why: str) -> None:
         """After the engine's death: requests whose generation failed answer on their own within

@@ -9,6 +9,7 @@ into the batch without losing its work. Used on the MLX thread only.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -81,16 +82,13 @@ class SoloPath:
             job.future.set_exception(exc)
             return True
         solo.fed.append(token)  # generate_step has already fed it to the model
+        now = time.monotonic()
         if solo.stops.advance(token) if solo.stops is not None else token in self.eos:
             reason = "stop"
             if token not in self.eos:  # a stop word's last token: kept, as the batch keeps it
-                job.tokens.append(token)
-                if job.on_token is not None:
-                    job.on_token(token)
+                job.take(token, now)
         else:
-            job.tokens.append(token)
-            if job.on_token is not None:
-                job.on_token(token)
+            job.take(token, now)
             if len(job.tokens) < job.max_tokens:
                 return False
             reason = "length"

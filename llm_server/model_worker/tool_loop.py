@@ -26,7 +26,8 @@ from typing import Any, Callable, Protocol
 
 from ..common.logs import TRACE
 from ..common.protocol import ClientToolCall, GenerationStats, Options
-from .chat import Message, ToolCall, assistant_message, render, tool_message, withdraw_tool_results
+from .chat import Message, ToolCall, assistant_message, render, render_opening, tool_message, withdraw_tool_results
+from . import metrics
 from .engine import Engine
 from .jobs import Completion, SamplingSettings
 from .output import RoundReader, VisibleText
@@ -179,6 +180,17 @@ class ToolLoop:
                 result = await self._call(call)
                 messages.append(tool_message(call, result.text, result.is_error))
 
+    async def warm(self, system_prompt: str) -> int:
+        """Prefill the system turn that every request without its own system message starts
+        with (the config's system prompt and the MCP servers' tools, as the chat template
+        renders them) into the prompt cache, so that the first request reuses it like every
+        later one; the number of tokens prefilled (a one-token generation on top, dropped)."""
+        ids = await asyncio.get_running_loop().run_in_executor(
+            self._renderer, render_opening, self.engine.tokenizer, system_prompt, self.host.tools() or None
+        )
+        await asyncio.wrap_future(self.engine.submit(ids, 1))
+        return len(ids)
+
     def _offer(self, client_tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The server's live tools, then the client's; a shared name is the client's mistake."""
         server_tools = self.host.tools()
@@ -247,6 +259,7 @@ class ToolLoop:
         except asyncio.CancelledError:
             self.engine.cancel(future)
             raise
+        metrics.generation(completion)
         if on_token is None:
             visible.push(reader.add(completion.tokens))  # decoded here, not on the MLX thread
         piece = visible.push(reader.close(completion.finish_reason))

@@ -18,6 +18,9 @@ from typing import Any
 from ..common.logs import FORMAT, install, stamped
 
 
+STOP_TIMEOUT_S = 5.0
+
+
 def rotated_name(default_name: str) -> str:
     """``TimedRotatingFileHandler`` names backups ``<file>.<suffix>``; we want ``<file>-<suffix>``."""
     base, _, suffix = default_name.rpartition(".")
@@ -68,10 +71,19 @@ class LogHub:
                 return
             self.file_handler.handle(record)
 
-    def stop(self) -> None:
-        """Flush everything still queued, then close the file."""
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
+        """Flush everything still queued (waiting at most ``timeout``), then close the file.
+
+        Bounded because a child killed (SIGKILL) while its feeder thread wrote to the queue leaves
+        the queue's cross-process write lock held for good: the listener's stop marker can then
+        never be sent, and neither can anything else. The supervisor must still exit, so the wait
+        ends, and the queue's own feeder thread is not waited for at exit either."""
+        self.queue.cancel_join_thread()
+        if not self.listener.stop_within(timeout):
+            logging.getLogger("llm_server.supervisor").warning(
+                "the log queue did not drain in %.0f s (a child killed while it wrote to it)", timeout
+            )
         logging.getLogger().removeHandler(self.file_handler)
-        self.listener.stop()
         self.file_handler.close()
 
 
@@ -95,6 +107,17 @@ class _FlushingListener(logging.handlers.QueueListener):
         finally:
             with self._lock:
                 self._markers.pop(marker, None)
+
+    def stop_within(self, timeout: float) -> bool:
+        """``QueueListener.stop`` with a bounded wait for its thread (a daemon thread: one left
+        blocked on the queue does not hold up the exit); whether it stopped."""
+        self.enqueue_sentinel()
+        thread = self._thread  # QueueListener's own, started by ``start``
+        if thread is None:
+            return True
+        thread.join(timeout)
+        self._thread = None
+        return not thread.is_alive()
 
     def handle(self, record: logging.LogRecord) -> None:
         marker = getattr(record, "flush_marker", None)

@@ -49,7 +49,7 @@ def run(model: Path, name: str, cache_mb: int, requests: int, rules: int, work: 
             latencies.append(round(time.monotonic() - started, 2))
             assert result.status == 200, result.body
             line = re.search(
-                r" response 200 .* prompt_tokens=(\d+) .* cached_tokens=(\d+)$",
+                r" response 200 .* prompt_tokens=(\d+) .* cached_tokens=(\d+)",
                 daemon.response_line(result.headers["x-request-id"]),
             )
             assert line is not None

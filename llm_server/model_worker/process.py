@@ -57,10 +57,9 @@ from .jobs import CancelledGeneration, EngineDead, ModelLoadError, SamplingSetti
 from .mcp_host import MCPHost
 from .structure import Unconstrainable
 from .tool_loop import PromptTooLong, ToolClash, ToolLoop
+from .upkeep import Upkeep
 
 log = logging.getLogger("llm_server.model_worker")
-
-SAMPLE_S = 0.25  # how often the metrics' gauges are read from the engine and the MCP servers
 
 
 def run_worker(
@@ -102,7 +101,6 @@ class Worker:
         self.engine: Engine | None = None
         self.control: PipeChannel | None = None
         self._faults = Faults()  # read once, not per request
-        self._warmed_tools: list[str] | None = None  # the tool names the prompt cache was warmed with
 
     async def run(self) -> int:
         """Serve until told to stop (0), or until the engine dies (``ENGINE_DIED``).
@@ -173,10 +171,11 @@ class Worker:
             tools = len(host.tools())
             # The engine's faults fire at its first generation: the tests aim them at a request.
             aimed = self._faults.active(faults.ENGINE_STALL) or self._faults.active(faults.ENGINE_DEATH)
+            upkeep = Upkeep(engine, self.loop_, host, self.config.system_prompt)
             if engine.prompt_cache_bytes and self.config.system_prompt and not aimed:
-                self._warmed_tools = await self._warm()
+                await upkeep.warm()
             metrics.forget_dead()
-            sampler = asyncio.ensure_future(self._sample(host))
+            sampler = asyncio.ensure_future(upkeep.run())
             await control.send(Ready(self.config.model_name, engine.context_window, tools))
             died = asyncio.wrap_future(engine.died)
             stop = asyncio.ensure_future(self.stopping.wait())
@@ -273,38 +272,6 @@ class Worker:
             if task is not None:
                 log.info("client went away: cancelling", extra={"request_id": message.request_id})
                 task.cancel()
-
-    async def _warm(self) -> list[str]:
-        """The prompt cache warmed with the system turn (before the daemon listens, and again
-        when the tool list changes); a failure only costs the next request that prefill. The
-        tool names it was warmed with."""
-        started = time.monotonic()
-        tools = [tool["function"]["name"] for tool in self.loop_.host.tools()]
-        try:
-            tokens = await self.loop_.warm(self.config.system_prompt)
-        except Exception:  # noqa: BLE001 - not worth failing the start over
-            log.warning("could not warm the prompt cache with the system prompt", exc_info=True)
-            return tools
-        log.info("prompt cache warmed with the system prompt and %d tool(s): %d tokens in %.2f s", len(tools), tokens,
-                 time.monotonic() - started)  # fmt: skip
-        return tools
-
-    async def _sample(self, host: MCPHost) -> None:
-        """Every ``SAMPLE_S``: the metrics' gauges from the engine and the MCP servers, and a
-        warm prompt cache again in the background when an MCP server came or went (the system
-        turn renders every tool's schema: a changed list is a new prefix)."""
-        engine = self.engine
-        assert engine is not None
-        while True:
-            await asyncio.sleep(SAMPLE_S)
-            statuses = host.status().values()
-            metrics.sample(engine.load, engine.kv_cache_bytes, {s.name: s.state == "up" for s in statuses})
-            if self._warmed_tools is not None:
-                tools = [tool["function"]["name"] for tool in host.tools()]
-                if tools != self._warmed_tools:
-                    log.info("the tool list changed (%d -> %d tools): warming the prompt cache again",
-                             len(self._warmed_tools), len(tools))  # fmt: skip
-                    self._warmed_tools = await self._warm()
 
     async def _serve(self, request: Generate, http: PipeChannel) -> None:
         started = time.monotonic()

@@ -41,6 +41,7 @@ def test_valid_config_with_defaults(tmp_path: Path) -> None:
     assert config.tool_timeout_s == 60.0
     assert config.mcp_startup_timeout_s == 30.0
     assert config.prompt_cache_mb == 1024
+    assert config.max_batch_size == 256 and config.kv_cache_mb is None  # memory decides (admission)
     assert config.worker_restarts == 3 and config.worker_restart_window_s == 3600.0
     assert config.worker_stall_timeout_s == 300.0 and config.request_timeout_s == 3600.0
     assert config.max_pending_requests is None  # no cap: requests queue
@@ -72,6 +73,7 @@ def test_every_key_is_required(tmp_path: Path, key: str) -> None:
         ("servers", {"a": {"type": "http", "url": "not a url"}}), ("servers", {"a": {"type": "sse", "url": "ftp://h/x"}}),
         ("servers", {"a": {"command": "x", "args": "not a list"}}),
         ("max_tokens", 0), ("listening_host", ""), ("prompt_cache_mb", -1), ("prompt_cache_mb", 1.5),
+        ("kv_cache_mb", 0), ("kv_cache_mb", "8"), ("max_batch_size", 0), ("max_batch_size", 257),
         ("worker_restart_window_s", 0), ("worker_restart_window_s", "1h"),
         ("worker_stall_timeout_s", 0), ("request_timeout_s", -1),
         ("max_pending_requests", 0), ("max_pending_requests", "64"),

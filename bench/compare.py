@@ -39,7 +39,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
@@ -120,9 +120,6 @@ class DirectSide:
             ttft=[r["ttft"] for r in results if r["ttft"] is not None], gaps=[g for r in results for g in r["gaps"]],
         )  # fmt: skip
 
-    def latency_round(self, prompts: list[str], max_tokens: int) -> Round:
-        return self.round(prompts, max_tokens)  # in-process: every round is timed per token
-
     def close(self) -> None:
         assert self.proc.stdin is not None
         self.proc.stdin.close()
@@ -194,13 +191,7 @@ def stream_round(port: int, bodies: list[bytes]) -> Round:
         try:
             conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
             response = conn.getresponse()
-            times = []
-            for line in response:
-                if not line.startswith(b"data: {"):
-                    continue
-                choices = json.loads(line[6:]).get("choices") or [{}]
-                if choices[0].get("delta", {}).get("content"):
-                    times.append(time.perf_counter())
+            times = [at for at, _ in content_pieces(response)]
             timings[i] = (response.status, started, times)
         except (ConnectionError, http.client.HTTPException) as exc:
             timings[i] = exc
@@ -218,6 +209,15 @@ def stream_round(port: int, bodies: list[bytes]) -> Round:
             result.ttft.append(times[0] - begun)
             result.gaps += [b - a for a, b in zip(times, times[1:])]
     return result
+
+
+def content_pieces(response: http.client.HTTPResponse) -> Iterator[tuple[float, str]]:
+    """Each content piece of a streamed chat completion, with when it came."""
+    for line in response:
+        if line.startswith(b"data: {"):
+            piece = (json.loads(line[6:]).get("choices") or [{}])[0].get("delta", {}).get("content")
+            if piece:
+                yield time.perf_counter(), piece
 
 
 def chat_body(messages: list[dict], max_tokens: int, stream: bool) -> bytes:
@@ -262,9 +262,6 @@ class DaemonSide:
             time.sleep(0.05)
         return result
 
-    def latency_round(self, prompts: list[str], max_tokens: int) -> Round:
-        return stream_round(self.daemon.port, [chat_body(chat_prompt(p), max_tokens, True) for p in prompts])
-
     @property
     def port(self) -> int:
         return self.daemon.port
@@ -300,9 +297,6 @@ class PeerSide:
 
         bodies = [("/v1/chat/completions", chat_body(chat_prompt(p), max_tokens, False)) for p in prompts]
         return http_round(self.port, bodies, parse)
-
-    def latency_round(self, prompts: list[str], max_tokens: int) -> Round:
-        return stream_round(self.port, [chat_body(chat_prompt(p), max_tokens, True) for p in prompts])
 
     def close(self) -> None:
         self.proc.terminate()
@@ -372,7 +366,10 @@ def run_shape(shape: str, args: argparse.Namespace, work: Path) -> dict[str, Any
                     rounds[side.name].append(side.round(batch, max_tokens))
             levels[str(level)] = {name: summarize(rs, max_tokens) for name, rs in rounds.items()}
             for side in present:  # the HTTP sides stream one more round to be timed per token
-                timed = rounds[side.name] if isinstance(side, DirectSide) else [side.latency_round(prompts(), max_tokens)]
+                if isinstance(side, DirectSide):
+                    timed = rounds[side.name]  # in-process: every round is timed per token
+                else:
+                    timed = [stream_round(side.port, [chat_body(chat_prompt(p), max_tokens, True) for p in prompts()])]
                 levels[str(level)][side.name].update(latency(timed))
             print_level(level, levels[str(level)])
         agent = {} if args.agent_turns == 0 else {
@@ -402,19 +399,13 @@ def agent_loop(port: int, turns: int) -> list[float]:
         body = chat_body(messages, AGENT_ANSWER_TOKENS, True)
         started = time.perf_counter()
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=3600)
-        first, text = None, []
         try:
             conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
-            for line in conn.getresponse():
-                if line.startswith(b"data: {"):
-                    piece = (json.loads(line[6:]).get("choices") or [{}])[0].get("delta", {}).get("content")
-                    if piece:
-                        first = first or time.perf_counter()
-                        text.append(piece)
+            pieces = list(content_pieces(conn.getresponse()))
         finally:
             conn.close()
-        ttft.append(round((first or time.perf_counter()) - started, 4))
-        messages += [{"role": "assistant", "content": "".join(text)},
+        ttft.append(round((pieces[0][0] if pieces else time.perf_counter()) - started, 4))
+        messages += [{"role": "assistant", "content": "".join(piece for _, piece in pieces)},
                      {"role": "user", "content": TOOL_RESULT.format(turn=turn)}]  # fmt: skip
     return ttft
 

@@ -112,6 +112,24 @@ def text_field(document: dict[str, Any], name: str, *, required: bool = False, w
     return value
 
 
+def joined_text(value: Any, where: str, fields: dict[str, str], separator: str) -> str:
+    """A string, or an array of typed text parts joined by ``separator``: ``fields`` maps each
+    accepted part type to the field holding its text (the Responses API's content parts, the
+    Messages API's text blocks)."""
+    if isinstance(value, str):
+        return text_field({"v": value}, "v", where=where) or ""
+    if not isinstance(value, list):
+        raise BadRequest(f"'{where}' must be a string or an array of {', '.join(fields)} parts", where)
+    texts = []
+    for i, part in enumerate(value):
+        at = f"{where}[{i}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in fields:
+            raise BadRequest(f"'{at}': {kind!r} parts are not supported here ({', '.join(fields)} are)", at)
+        texts.append(text_field(part, fields[kind], required=True, where=f"{at}.") or "")
+    return separator.join(texts)
+
+
 class Fields:
     """Optional typed fields of one JSON object; absent or null is None, a wrong value is a 400."""
 

@@ -51,7 +51,7 @@ class Completion:
     cached_tokens: int = 0  # prompt tokens taken from the prompt cache
     queue_s: float = 0.0  # from submit until the sequence joined the batch (admission, ``admission``)
     first_token_s: float | None = None  # from submit until its first token
-    gaps: tuple[float, ...] = ()  # seconds between one token and the next
+    token_times: list[float] = field(default_factory=list)  # when each token came (the job's list, not copied)
 
 
 @dataclass
@@ -115,7 +115,7 @@ def complete(job: Job, finish_reason: str) -> None:
         cached_tokens=job.cached_tokens,
         queue_s=(job.admitted or job.started) - job.started,
         first_token_s=job.token_times[0] - job.started if job.token_times else None,
-        gaps=tuple(b - a for a, b in zip(job.token_times, job.token_times[1:])),
+        token_times=job.token_times,  # the gaps are the metrics' to compute, off the MLX thread
     )
     if not job.future.done():
         job.future.set_result(completion)

@@ -58,8 +58,9 @@ def generation(completion: Completion) -> None:
     QUEUE.observe(completion.queue_s)
     if completion.first_token_s is not None:
         TTFT.observe(completion.first_token_s)
-    for gap in completion.gaps:
-        ITL.observe(gap)
+    times = completion.token_times
+    for earlier, later in zip(times, times[1:]):
+        ITL.observe(later - earlier)
 
 
 def request(finished_reason: str, seconds: float) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...common.protocol import Options
-from ..validation import BadRequest, Fields, decode_object, schema_field, text_field
+from ..validation import BadRequest, Fields, decode_object, joined_text, schema_field, text_field
 from .tools import chat_tool, named_tool, tool_objects
 
 log = logging.getLogger("llm_server.http")
@@ -75,18 +75,7 @@ def parse_messages_request(body: bytes, system_prompt: str, count_only: bool = F
 
 def _text_blocks(value: Any, where: str) -> str:
     """A string, or an array of ``text`` blocks joined (what ``system`` and a tool result hold)."""
-    if isinstance(value, str):
-        return text_field({"v": value}, "v", where=where) or ""
-    if not isinstance(value, list):
-        raise BadRequest(f"'{where}' must be a string or an array of text blocks", where)
-    texts = []
-    for i, block in enumerate(value):
-        at = f"{where}[{i}]"
-        kind = block.get("type") if isinstance(block, dict) else None
-        if kind != "text":
-            raise BadRequest(f"'{at}': only text blocks are supported here, not {kind!r}", at)
-        texts.append(text_field(block, "text", required=True, where=f"{at}.") or "")
-    return "\n\n".join(texts)
+    return joined_text(value, where, {"text": "text"}, "\n\n")
 
 
 def _system(value: Any) -> str | None:

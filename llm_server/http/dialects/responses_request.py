@@ -21,13 +21,13 @@ from typing import Any
 
 from ...common.grammars import ANY_OBJECT
 from ...common.protocol import Options
-from ..validation import BadRequest, Fields, decode_object, schema_field, text_field
+from ..validation import BadRequest, Fields, decode_object, joined_text, schema_field, text_field
 from .tools import assistant_call, chat_tool, named_tool, tool_objects
 
 log = logging.getLogger("llm_server.http")
 
 ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
-TEXT_PARTS = ("input_text", "output_text", "text", "refusal")
+TEXT_PARTS = {"input_text": "text", "output_text": "text", "text": "text", "refusal": "refusal"}  # type: field
 
 
 @dataclass(frozen=True)
@@ -78,18 +78,7 @@ def parse_responses_request(body: bytes) -> ResponsesRequest:
 
 def _text(value: Any, where: str) -> str:
     """A string, or an array of text parts joined (a message's content, a call's output)."""
-    if isinstance(value, str):
-        return text_field({"v": value}, "v", where=where) or ""
-    if not isinstance(value, list):
-        raise BadRequest(f"'{where}' must be a string or an array of content parts", where)
-    texts = []
-    for i, part in enumerate(value):
-        at = f"{where}[{i}]"
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind not in TEXT_PARTS:
-            raise BadRequest(f"'{at}': {kind!r} parts are not supported (text parts are)", at)
-        texts.append(text_field(part, "refusal" if kind == "refusal" else "text", required=True, where=f"{at}.") or "")
-    return "".join(texts)
+    return joined_text(value, where, TEXT_PARTS, "")
 
 
 def _input(value: Any) -> list[dict[str, Any]]:

@@ -47,10 +47,17 @@ def ask(daemon: Daemon, prompt: str, statuses: list[int] | None = None) -> None:
         statuses.append(result.status)
 
 
+# A story the grammar will not let end before max_tokens: the sampled answers all run their full
+# length, so the running gauge has seconds, not a lucky early EOS's milliseconds, to be read.
+LONG_STORY = {"type": "json_schema", "json_schema": {"name": "story", "strict": True, "schema": {
+    "type": "object", "properties": {"story": {"type": "string", "minLength": 4000}}, "required": ["story"],
+    "additionalProperties": False}}}  # fmt: skip
+
+
 def chat(daemon: Daemon, statuses: list[int]) -> None:
-    """A question the tool model was never taught, sampled: it rambles up to max_tokens."""
+    """A question the tool model was never taught, sampled, held to max_tokens by its format."""
     document = {"messages": [{"role": "user", "content": "Tell me a long story about the sea."}],
-                "max_tokens": 200, "temperature": 1.0}  # fmt: skip
+                "max_tokens": 200, "temperature": 1.0, "response_format": LONG_STORY}  # fmt: skip
     body = json.dumps(document).encode()
     result = daemon.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json", **AUTH})
     statuses.append(result.status)
@@ -117,6 +124,7 @@ def test_metrics_move_as_requests_tools_and_a_restart_happen(make_daemon: Callab
     assert max(running) >= 1
     assert all(0 <= u < 1 for u in usage)
     settled = scrape(daemon)
+    assert value(settled, "llm_server_request_success_total", finished_reason="length") == CONCURRENT
     assert _eventually(daemon, lambda s: value(s, "llm_server_num_requests_running") == 0)
 
     worker = next(p for p in psutil.Process(daemon.proc.pid).children() if "model-worker" in " ".join(p.cmdline()))

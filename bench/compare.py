@@ -59,6 +59,7 @@ SHAPES: dict[str, dict[str, int]] = {
     ),
 }
 DEFAULT_TOKENS = {"tiny": 32, "fast": 256, "qwen0.5b": 32}
+LATENCY_ANSWERS = 8  # streamed answers per HTTP side and level, at least, for the latency percentiles
 SYSTEM_PROMPT = "You are a helpful assistant."
 _RESPONSE = re.compile(r" (\w+) response 200 .*?prompt_tokens=(\d+) completion_tokens=(\d+)")
 STREAM, BATCH, OURS, PEER = "stream_generate", "BatchGenerator", "llm-server", "mlx_lm.server"
@@ -365,12 +366,17 @@ def run_shape(shape: str, args: argparse.Namespace, work: Path) -> dict[str, Any
                 for side in present[rep % len(present) :] + present[: rep % len(present)]:
                     rounds[side.name].append(side.round(batch, max_tokens))
             levels[str(level)] = {name: summarize(rs, max_tokens) for name, rs in rounds.items()}
-            for side in present:  # the HTTP sides stream one more round to be timed per token
-                if isinstance(side, DirectSide):
-                    timed = rounds[side.name]  # in-process: every round is timed per token
-                else:
-                    timed = [stream_round(side.port, [chat_body(chat_prompt(p), max_tokens, True) for p in prompts()])]
-                levels[str(level)][side.name].update(latency(timed))
+            # The HTTP sides stream more rounds to be timed per token, interleaved, at least
+            # LATENCY_ANSWERS answers each (one answer is no percentile); in-process sides time
+            # every round per token.
+            streamed: dict[str, list[Round]] = {s.name: [] for s in present if not isinstance(s, DirectSide)}
+            for _ in range(-(-LATENCY_ANSWERS // level)):
+                batch = [chat_body(chat_prompt(p), max_tokens, True) for p in prompts()]
+                for side in present:
+                    if side.name in streamed:
+                        streamed[side.name].append(stream_round(side.port, batch))
+            for side in present:
+                levels[str(level)][side.name].update(latency(streamed.get(side.name, rounds[side.name])))
             print_level(level, levels[str(level)])
         agent = {} if args.agent_turns == 0 else {
             side.name: agent_loop(side.port, args.agent_turns) for side in sides if side.name in (OURS, PEER)
@@ -486,7 +492,7 @@ def markdown(report: dict[str, Any]) -> str:
                 cells.append(cell + (f", {bad} failed" if bad else ""))
             lines.append(f"| {level} | " + " | ".join(cells) + " |")
         lines += ["", "Latency, ms: time to first token p50 / p99, inter-token latency p50 / p99 (the HTTP sides "
-                  "from one more streamed round per level).", "",
+                  f"from streamed rounds, at least {LATENCY_ANSWERS} answers per level).", "",
                   "| clients | " + " | ".join(sides) + " |", "|---" * (len(sides) + 1) + "|"]  # fmt: skip
         for level, by_side in result["levels"].items():
             cells = []

@@ -6,12 +6,12 @@ prefilled together, and each keeps its own sampler and stop words. Used on the M
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from concurrent.futures import Future
 from typing import Any
 
+from .constraint import BatchMasks
 from .jobs import Completion, Finish, Job
 from .prompt_cache import PromptCache
 
@@ -27,7 +27,7 @@ class Batch:
         self.active: dict[int, Job] = {}  # in the batch, by uid
         self._prompt_cache = prompt_cache
         self._finish = finish
-        self._fed = FedTokens(generator)
+        self._masks = BatchMasks(generator, self.active)
 
     def insert(self, job: Job) -> None:
         """Start ``job`` in the batch, from the prompt cache's longest prefix of its prompt."""
@@ -48,16 +48,15 @@ class Batch:
                 max_tokens=[job.max_tokens - len(job.tokens)],
                 caches=[cache],
                 all_tokens=[done],
-                samplers=[job.sampler],
+                samplers=[self._masks.sampler(job.sampler)],
                 stop_sequences=[job.stops] if job.stops else None,
-                logits_processors=[[job.processor.enter(alone=False)]] if job.processor is not None else None,
+                # the first step's mask; later ones are the batch's (``BatchMasks``)
+                logits_processors=[[job.processor.enter()]] if job.processor is not None else None,
             )
         except Exception as exc:
             job.future.set_exception(exc)
             return False
         job.uid = uid
-        if job.processor is not None:
-            job.processor.fed = functools.partial(self._fed.token, uid)
         self.active[uid] = job
         return True
 
@@ -82,7 +81,7 @@ class Batch:
     def step(self) -> None:
         """One decode step of every sequence in the batch; finished ones are resolved."""
         active = self.active
-        self._fed.begin()
+        self._masks.begin()
         try:
             _, responses = self.generator.next()
         except Exception as exc:
@@ -93,6 +92,7 @@ class Batch:
                 job.future.set_exception(exc)
             active.clear()
             return
+        self._masks.settle()
         now = time.monotonic()
         for response in responses:
             job = active.get(response.uid)
@@ -107,40 +107,3 @@ class Batch:
                     self._prompt_cache.remember(self.generator, list(response.all_tokens), response.prompt_cache)
                 self._finish(job, response.finish_reason)
                 del active[response.uid]  # only now: should finishing fail, the job is still held
-
-
-class FedTokens:
-    """The token each row of the running batch is fed this step, read once for all of them.
-
-    A constrained sequence must know the token it was just fed before its mask can be computed.
-    Read through the context mlx-lm passes its logits processor, that costs each constrained row
-    an ``eval`` of its own, and an eval waits for a hand-over to MLX's stream thread: ~145 µs on
-    this machine's CPU, a command buffer's round trip on Metal; 32 rows spent a third of the
-    step's time there (py-spy). The fed tokens are one array, ``GenerationBatch._current_tokens``
-    (its rows in the order of its ``uids``), already computed when the step's processors run, so
-    the first processor of a step reads it whole and starts the step's forward pass, whose masks
-    are then computed while it runs. These are mlx-lm's private names (the version is pinned);
-    should they change, ``token`` answers None and each row reads its own context again.
-    """
-
-    def __init__(self, generator: Any) -> None:
-        self._generator = generator
-        self._tokens: dict[int, int] | None = None
-
-    def begin(self) -> None:
-        """A new step: what was read belongs to the last one."""
-        self._tokens = None
-
-    def token(self, uid: int, logits: Any) -> int | None:
-        """The token row ``uid`` is fed this step (None: not known here)."""
-        if self._tokens is None:
-            import mlx.core as mx
-
-            batch = getattr(self._generator, "_generation_batch", None)
-            current = getattr(batch, "_current_tokens", None)
-            if current is None:
-                return None
-            self._tokens = dict(zip(batch.uids, current.tolist()))
-            mx.async_eval(logits)  # the whole batch's forward pass, while the masks are computed
-        return self._tokens.get(uid)
-

@@ -63,7 +63,7 @@ class SoloPath:
                 max_tokens=job.max_tokens,
                 sampler=job.sampler,
                 prompt_cache=cache,
-                logits_processors=[job.processor.enter(alone=True)] if job.processor is not None else None,
+                logits_processors=[job.processor.enter()] if job.processor is not None else None,
                 prompt_progress_callback=self._on_prefill,
             )
         except Exception as exc:

@@ -78,7 +78,7 @@ def load(
         if sharding is None:
             model, tokenizer, config = load_model(path, return_config=True)
         else:
-            group = mx.distributed.init()
+            group = _join_group()
             pipeline = group if sharding == "pipeline" else None
             tensor = group if sharding == "tensor" else None
             folder = Path(path).expanduser()
@@ -163,3 +163,28 @@ def _context_window(config: dict[str, Any]) -> int | None:
             if isinstance(value, int) and value > 0:
                 return value
     return None
+
+
+_JOIN_S = 300.0  # how long a rank keeps trying to reach the others before the start-up fails
+
+
+def _join_group() -> Any:
+    """``mx.distributed.init()``, tried again while a peer is not listening yet.
+
+    MLX's ring backend gives up on a peer that does not accept within ~31 s ("Couldn't connect
+    (error: 111)"). The ranks start at different moments: rank 0 starts the MCP servers before
+    the model (up to ``mcp_startup_timeout_s``), and ranks started through ssh on a loaded machine
+    were measured 18 s apart, so a follower could give up on a leader that was still coming. A
+    failed init leaves no group behind, and a second one joins once the peer listens (measured:
+    a rank started 25 s after its peer joined on the peer's second try).
+    """
+    import mlx.core as mx
+
+    deadline = time.monotonic() + _JOIN_S
+    while True:
+        try:
+            return mx.distributed.init()
+        except RuntimeError as exc:
+            if "Couldn't connect" not in str(exc) or time.monotonic() > deadline:
+                raise
+            log.info("the group's other ranks are not listening yet (%s): trying again", exc)

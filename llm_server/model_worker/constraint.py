@@ -126,8 +126,8 @@ class BatchMasks:
     running batch's rows (the new rows' first step) pass through untouched.
 
     The running batch's fed tokens are one array, ``GenerationBatch._current_tokens`` (rows in
-    the order of its ``uids``), read once for all rows, before the step's forward pass is started
-    (``GrammarProcessor`` says why): read through each row's own context, each constrained row
+    the order of its ``uids``), read once for all rows, after the step's forward pass is queued
+    behind them (``GrammarProcessor`` says why): read through each row's own context, each constrained row
     paid an ``eval`` of its own, a hand-over to MLX's stream thread (~145 µs on this CPU, a
     command buffer's round trip on Metal), a third of the step at 32 rows (py-spy). These are
     mlx-lm's private names and call order (the version is pinned); ``tests/test_constraint.py``
@@ -137,20 +137,19 @@ class BatchMasks:
     def __init__(self, generator: Any, active: Mapping[int, Any]) -> None:
         self._generator = generator
         self._active = active  # the batch's jobs by uid; a constrained one has a ``processor``
-        self._samplers: dict[int, tuple[Any, MaskedSampler]] = {}
+        self._samplers: dict[Any, MaskedSampler] = {}  # by the row's own sampler
         self._executor: Any = None
-        self._mask: Any = None
-        self._rows = 0  # the running batch's rows this step
-        self._left = 0  # of those, not sampled yet
+        self._mask: Any = None  # this step's (rows, width) mask, False: no row constrained
+        self._left = 0  # the running batch's rows not sampled yet this step
 
     def sampler(self, base: Any) -> MaskedSampler:
         """The sampler a row of sampler ``base`` is given (the same object for the same ``base``)."""
-        held = self._samplers.get(id(base))
-        if held is None:
+        masked = self._samplers.get(base)
+        if masked is None:
             if len(self._samplers) > 128:  # the engine's samplers come and go with their settings
                 self._samplers.clear()
-            held = self._samplers[id(base)] = (base, MaskedSampler(base, self))
-        return held[1]
+            masked = self._samplers[base] = MaskedSampler(base, self)
+        return masked
 
     def begin(self) -> None:
         """A new step: the masks computed belong to the last one."""
@@ -170,10 +169,11 @@ class BatchMasks:
             self._mask = self._compute(logprobs)
         if self._mask is False or self._left == 0:  # no grammar, or the new rows' first step
             return logprobs
-        if logprobs.shape[0] == self._left == self._rows:
+        rows = self._mask.shape[0]
+        if logprobs.shape[0] == self._left == rows:
             mask, self._left = self._mask, 0
         else:
-            row = self._rows - self._left
+            row = rows - self._left
             mask, self._left = self._mask[row : row + 1], self._left - 1
         return mx.where(mask, logprobs, -mx.inf)
 
@@ -186,7 +186,7 @@ class BatchMasks:
 
         batch = self._generator._generation_batch
         uids = batch.uids
-        self._rows = self._left = len(uids)
+        self._left = len(uids)
         rows = [(row, job.processor) for row, uid in enumerate(uids)
                 if (job := self._active.get(uid)) is not None and job.processor is not None]  # fmt: skip
         if not rows:
